@@ -1,0 +1,126 @@
+"""Images -> latents, batched, on the best device, with an optional on-disk cache.
+
+The cache key covers everything that changes the latents: the encoder card, the weights hash,
+the dataset identity and the transform (input shape, resize, dtype). A cached file is an
+``.npz`` written atomically (temporary file + ``os.replace``), so an interrupted run never
+leaves a half-written cache that a later run would trust.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gmcert.errors import DataError
+
+CACHE_VERSION = 1
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def latent_cache_key(encoder, dataset_identity: str, transform: dict | None = None) -> str:
+    """sha256 key of (card, weights hash, dataset identity, transform).
+
+    Parameters
+    ----------
+    encoder : gmcert.encoders.Encoder or torch.nn.Module
+        An :class:`~gmcert.encoders.Encoder` contributes ``describe()``; other modules
+        contribute their class name and parameter checksum.
+    dataset_identity : str
+        ``ImageDataset.identity``.
+    transform : dict, optional
+        Anything else that changes the latents (e.g. a noise level, an image subset).
+    """
+    if hasattr(encoder, "describe"):
+        described = encoder.describe()
+    else:
+        digest = hashlib.sha256()
+        for name, tensor in encoder.state_dict().items():
+            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+        described = {"module": type(encoder).__name__, "state_sha256": digest.hexdigest()}
+    payload = {"version": CACHE_VERSION, "encoder": described, "dataset": dataset_identity,
+               "transform": transform or {}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:40]
+
+
+def _read_cache(path: Path, n: int):
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            latents = archive["latents"]
+    except (OSError, KeyError, ValueError):
+        return None  # unreadable cache: recompute and overwrite
+    return latents if latents.ndim == 2 and latents.shape[0] == n else None
+
+
+def _write_cache(path: Path, latents: np.ndarray, key: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, latents=latents, key=np.array(key))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def encode(encoder, images, batch_size: int = 64, device=None, cache_dir=None, cache_key: str | None = None,
+           progress: bool = True) -> np.ndarray:
+    """Latents of ``images`` under ``encoder``.
+
+    Parameters
+    ----------
+    encoder : torch.nn.Module
+        Maps ``(B, C, H, W)`` pixels to ``(B, d)`` latents; put in eval mode here.
+    images : torch.Tensor or numpy.ndarray
+        ``(N, C, H, W)`` float pixels in [0, 1].
+    batch_size : int, default 64
+    device : str or torch.device, optional
+        Default: CUDA when available, else CPU. The encoder is moved there.
+    cache_dir : path, optional
+        With ``cache_key``, latents are read from / written to ``cache_dir/<cache_key>.npz``.
+    cache_key : str, optional
+        Usually :func:`latent_cache_key`.
+    progress : bool, default True
+        Show a tqdm bar.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N, d)`` float32 latents (cast to float64 for certificates downstream).
+    """
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    images = torch.from_numpy(np.asarray(images)) if not torch.is_tensor(images) else images
+    if images.ndim != 4:
+        raise DataError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
+    n = int(images.shape[0])
+    path = Path(cache_dir) / f"{cache_key}.npz" if cache_dir is not None and cache_key else None
+    if path is not None and path.is_file():
+        cached = _read_cache(path, n)
+        if cached is not None:
+            return cached
+    device = torch.device(device) if device is not None else default_device()
+    encoder = encoder.eval().to(device)
+    chunks = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, n, batch_size), desc="encode", unit="batch", disable=not progress,
+                          leave=False):
+            batch = images[start:start + batch_size].to(device, torch.float32, non_blocking=True)
+            chunks.append(encoder(batch).float().cpu())
+    latents = (torch.cat(chunks) if chunks else torch.empty(0, 0)).numpy()
+    if latents.ndim != 2 or latents.shape[0] != n:
+        raise DataError(f"encoder returned shape {latents.shape}, expected ({n}, d)")
+    if path is not None:
+        _write_cache(path, latents, cache_key)
+    return latents

@@ -1,0 +1,423 @@
+"""How far the latents are from the fitted Gaussian mixture, and what that costs the certificate.
+
+Let P be the true joint law of (latent z, label y) and Q the fitted mixture: Q(z, y) = pi_y N_y(z),
+with N_y the class's Gaussian (or its mixture of Gaussians). For any event A, e.g.
+A_r = {(z, y): the head predicts y at z and certifies radius >= r}, Pinsker's inequality gives
+|P(A) - Q(A)| <= TV(P, Q) <= sqrt(eps / 2) with eps = KL(P || Q), hence
+
+    CertAcc_P(r) >= CertAcc_Q(r) - sqrt(eps / 2)                                  (BRIEF §5)
+
+Joint KL. Writing P(z, y) = p_y P_y(z) with p the true class proportions,
+
+    KL(P || Q) = sum_y p_y E_{P_y}[log p_y P_y(z) - log pi_y N_y(z)]
+               = sum_y p_y KL(P_y || N_y) + KL(p || pi),
+
+so eps weights the per-class divergences by the class proportions and adds the divergence of the
+label marginals, which vanishes when the fitted priors equal the data's class frequencies.
+Per class, KL(P_k || N_k) = -h(P_k) - E_{P_k} log N_k(z): the second term is a sample mean of the
+model's ``class_log_likelihood``, the entropy h a Kozachenko–Leonenko k-NN estimate
+(:mod:`gmcert.entropy`).
+
+Read the numbers with care. k-NN entropy estimators are biased, and badly so in high dimension
+(d beyond about 10): estimate eps on a projected latent (e.g. PCA to a few dimensions). The
+bootstrap interval reflects sampling noise only, not that bias, so its upper end is an honest
+"plausible upper value" for eps, not a guarantee. A class whose latents span fewer than d
+dimensions has KL = +inf (P_k is singular with respect to any Gaussian), and the bound is vacuous.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import chi2, norm
+from tqdm.auto import tqdm
+
+from gmcert.entropy import covariance_rank, knn_entropy_terms, reference_bias_terms
+from gmcert.errors import DataError
+from gmcert.stats import hoeffding_interval
+
+#: Above this dimension k-NN entropy estimates are known to be badly biased.
+HIGH_DIMENSION = 10
+#: Below this many points per dimension in a class the estimate is warned about.
+POINTS_PER_DIMENSION = 20
+#: Mardia's skewness costs O(n^2 d); larger classes are subsampled to this many points for it.
+MARDIA_MAX_N = 4000
+BIAS_CORRECTIONS = ("mixture_reference", "gaussian_reference", "none")
+
+
+def mardia_test(X: np.ndarray, random_state=None) -> dict:
+    """Mardia's multivariate skewness and kurtosis tests of normality for one sample.
+
+    With y_i the points whitened by the maximum-likelihood covariance (on its range, of rank r),
+    skewness b1 = n^-2 sum_ij (y_i . y_j)^3 and n b1 / 6 ~ chi2 with r(r+1)(r+2)/6 degrees of
+    freedom; kurtosis b2 = n^-1 sum_i |y_i|^4 and z = (b2 - r(r+2)) / sqrt(8 r(r+2) / n) ~ N(0, 1)
+    (two-sided p-value) under normality. Skewness uses a random subsample of ``MARDIA_MAX_N``
+    points for larger samples (``n_skewness`` says how many).
+
+    Returns
+    -------
+    dict with keys n, rank, skewness, skewness_statistic, skewness_dof, skewness_p, n_skewness,
+    kurtosis, kurtosis_z, kurtosis_p.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    n, d = X.shape
+    Xc = X - X.mean(axis=0)
+    lam, V = np.linalg.eigh(Xc.T @ Xc / n)
+    keep = lam > 1e-10 * max(float(lam.max()), np.finfo(float).tiny)
+    Y = (Xc @ V[:, keep]) / np.sqrt(lam[keep])
+    r = int(keep.sum())
+    kurtosis = float(np.mean(np.sum(Y * Y, axis=1) ** 2))
+    kurtosis_z = (kurtosis - r * (r + 2)) / math.sqrt(8.0 * r * (r + 2) / n)
+    Ys = Y
+    if n > MARDIA_MAX_N:
+        rng = np.random.default_rng(random_state)
+        Ys = Y[rng.choice(n, MARDIA_MAX_N, replace=False)]
+    m = len(Ys)
+    cube_sum = 0.0
+    for start in range(0, m, 1024):  # blocks keep the m x m Gram matrix out of memory
+        gram = Ys[start:start + 1024] @ Ys.T
+        cube_sum += float(np.sum(gram * gram * gram))  # products: ``** 3`` calls pow, far slower
+    skewness = cube_sum / m**2
+    dof = r * (r + 1) * (r + 2) / 6.0
+    statistic = m * skewness / 6.0
+    return {
+        "n": n, "rank": r, "skewness": skewness, "skewness_statistic": statistic,
+        "skewness_dof": dof, "skewness_p": float(chi2.sf(statistic, dof)), "n_skewness": m,
+        "kurtosis": kurtosis, "kurtosis_z": float(kurtosis_z),
+        "kurtosis_p": float(2.0 * norm.sf(abs(kurtosis_z))),
+    }
+
+
+def _certified_accuracy(scores: np.ndarray, radii) -> np.ndarray:
+    """Mean of ``correct & radius >= r`` for each r; ``scores`` holds the radius, -inf when wrong."""
+    radii = np.atleast_1d(np.asarray(radii, dtype=np.float64))
+    ordered = np.sort(scores)
+    return 1.0 - np.searchsorted(ordered, radii, side="left") / len(ordered)
+
+
+def _radius_scores(model, Z, y) -> np.ndarray:
+    pred, radius = model.certify(Z, method="exact")
+    return np.where(np.asarray(pred) == np.asarray(y), np.asarray(radius, dtype=np.float64), -np.inf)
+
+
+def _json_float(value):
+    value = float(value)
+    return value if math.isfinite(value) else ("inf" if value > 0 else "-inf" if value < 0 else None)
+
+
+@dataclass
+class MismatchReport:
+    """Mismatch between the latents and the fitted mixture; see the module docstring.
+
+    Attributes
+    ----------
+    classes : ndarray of shape (K,)
+    n_per_class : ndarray of shape (K,)
+    class_proportions, priors : ndarray of shape (K,)
+        Data frequencies p and fitted priors pi.
+    kl_per_class : ndarray of shape (K,)
+        KL(P_k || N_k) estimates in nats (+inf for a rank-deficient class). Small negative values
+        are estimation noise: KL itself is >= 0.
+    kl_per_class_interval : ndarray of shape (K, 2)
+        Percentile bootstrap interval at level 1 - alpha.
+    kl : float
+        Joint eps = sum_k p_k KL_k + KL(p || pi).
+    kl_interval : tuple (lo, hi)
+    label_kl : float
+        KL(p || pi) of the label marginals.
+    mardia : list of dict
+        Per class: ``class`` and the keys of :func:`mardia_test`.
+    """
+
+    classes: np.ndarray
+    n_per_class: np.ndarray
+    class_proportions: np.ndarray
+    priors: np.ndarray
+    kl_per_class: np.ndarray
+    kl_per_class_interval: np.ndarray
+    kl: float
+    kl_interval: tuple
+    label_kl: float
+    mardia: list
+    dimension: int
+    settings: dict
+    q_scores: np.ndarray = field(repr=False)
+    empirical_scores: np.ndarray = field(repr=False)
+
+    def certified_accuracy_q(self, radii):
+        """CertAcc under the fitted mixture Q, estimated from ``n_q_samples`` draws of Q.
+
+        Returns
+        -------
+        estimate, lower, upper : ndarrays of shape (len(radii),)
+            Two-sided Hoeffding interval at level 1 - alpha. The same width holds simultaneously
+            over all radii by the Dvoretzky–Kiefer–Wolfowitz inequality with Massart's constant,
+            because the curve is the survival function of one variable (the radius, -inf when
+            the prediction is wrong).
+        """
+        estimate = _certified_accuracy(self.q_scores, radii)
+        return (estimate, *hoeffding_interval(estimate, len(self.q_scores), self.settings["alpha"]))
+
+    def certified_accuracy_bound(self, radii, conservative: bool = True) -> np.ndarray:
+        """Lower bound on CertAcc_P(r) = CertAcc_Q(r) - sqrt(eps / 2), clipped at 0.
+
+        ``conservative=True`` (default) uses the LOWER end of CertAcc_Q's Hoeffding interval and
+        the UPPER end of eps's bootstrap interval (each one-sided at level 1 - alpha/2, so both
+        hold together with probability >= 1 - alpha as far as the bootstrap is right).
+        ``conservative=False`` plugs in the point estimates. Negative eps counts as 0.
+        """
+        estimate, lower, _ = self.certified_accuracy_q(radii)
+        acc, eps = (lower, self.kl_interval[1]) if conservative else (estimate, self.kl)
+        return np.maximum(acc - math.sqrt(max(eps, 0.0) / 2.0), 0.0)
+
+    def empirical_certified_accuracy(self, radii) -> np.ndarray:
+        """Fraction of the given (Z, y) predicted correctly with exact latent radius >= r."""
+        return _certified_accuracy(self.empirical_scores, radii)
+
+    def default_radii(self, n_radii: int = 25) -> np.ndarray:
+        """0 up to the largest finite radius certified on the data (or under Q)."""
+        finite = np.concatenate([self.empirical_scores, self.q_scores])
+        finite = finite[np.isfinite(finite)]
+        top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+        return np.linspace(0.0, top, n_radii)
+
+    def to_dict(self, radii=None) -> dict:
+        """JSON-serialisable summary (``json.dumps(..., allow_nan=False)`` works; infinities are
+        the strings ``"inf"``/``"-inf"``), including the three curves at ``radii``."""
+        radii = self.default_radii() if radii is None else np.atleast_1d(np.asarray(radii, float))
+        q, q_lo, q_hi = self.certified_accuracy_q(radii)
+        floats = lambda a: [_json_float(v) for v in np.ravel(a)]  # noqa: E731
+        return {
+            "classes": [c.item() if isinstance(c, np.generic) else c for c in self.classes],
+            "dimension": int(self.dimension),
+            "n_per_class": [int(v) for v in self.n_per_class],
+            "class_proportions": floats(self.class_proportions), "priors": floats(self.priors),
+            "kl_per_class": floats(self.kl_per_class),
+            "kl_per_class_interval": [floats(row) for row in self.kl_per_class_interval],
+            "kl": _json_float(self.kl), "kl_interval": floats(self.kl_interval),
+            "label_kl": _json_float(self.label_kl),
+            "mardia": [{key: (_json_float(v) if isinstance(v, float) else
+                              (v.item() if isinstance(v, np.generic) else v))
+                        for key, v in record.items()} for record in self.mardia],
+            "settings": dict(self.settings),
+            "radii": floats(radii),
+            "certified_accuracy_empirical": floats(self.empirical_certified_accuracy(radii)),
+            "certified_accuracy_q": floats(q), "certified_accuracy_q_lower": floats(q_lo),
+            "certified_accuracy_q_upper": floats(q_hi),
+            "certified_accuracy_bound": floats(self.certified_accuracy_bound(radii)),
+            "certified_accuracy_bound_point": floats(self.certified_accuracy_bound(radii, False)),
+        }
+
+    def table(self) -> str:
+        """Readable per-class table: class, n, KL [lo, hi], Mardia skewness and kurtosis p."""
+        level = 100 * (1 - self.settings["alpha"])
+        lines = [f"{'class':>8} {'n':>6}  {'KL (nats) [' + format(level, 'g') + '% bootstrap]':<32}"
+                 f"{'skew p':>10} {'kurt p':>10}"]
+        for j, c in enumerate(self.classes):
+            lo, hi = self.kl_per_class_interval[j]
+            kl = f"{self.kl_per_class[j]:.4g} [{lo:.4g}, {hi:.4g}]"
+            rec = self.mardia[j]
+            lines.append(f"{str(c):>8} {self.n_per_class[j]:>6}  {kl:<32}"
+                         f"{rec['skewness_p']:>10.3g} {rec['kurtosis_p']:>10.3g}")
+        eps = f"{self.kl:.4g} [{self.kl_interval[0]:.4g}, {self.kl_interval[1]:.4g}]"
+        lines.append(f"{'joint':>8} {int(self.n_per_class.sum()):>6}  {eps:<32}"
+                     f"(label KL {self.label_kl:.3g}; d={self.dimension}, k={self.settings['k']})")
+        flat = [f"{c} (rank {rec['rank']})" for c, rec, kl in zip(self.classes, self.mardia, self.kl_per_class)
+                if np.isinf(kl)]
+        if flat:
+            lines.append(f"KL = inf: latents span fewer than d={self.dimension} dimensions in classes "
+                         f"{', '.join(flat[:10])}{' ...' if len(flat) > 10 else ''}; project them first")
+        return "\n".join(lines)
+
+    def plot(self, path, radii=None) -> None:
+        """PNG with CertAcc on the data, under Q (with its Hoeffding band) and the lower bound."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        radii = self.default_radii() if radii is None else np.atleast_1d(np.asarray(radii, float))
+        q, q_lo, q_hi = self.certified_accuracy_q(radii)
+        fig = Figure(figsize=(6, 4))
+        FigureCanvasAgg(fig)  # an Agg canvas of its own: no pyplot, no global backend switch
+        ax = fig.add_subplot()
+        ax.plot(radii, self.empirical_certified_accuracy(radii), label="empirical (data)")
+        ax.plot(radii, q, label="under fitted mixture Q")
+        ax.fill_between(radii, q_lo, q_hi, alpha=0.2, color="C1")
+        ax.plot(radii, self.certified_accuracy_bound(radii), "--",
+                label="bound: Q lower - sqrt(eps_hi/2)")
+        ax.set(xlabel="latent L2 radius", ylabel="certified accuracy", ylim=(0, 1.02),
+               title=f"eps = {self.kl:.3g} nats [{self.kl_interval[0]:.3g}, {self.kl_interval[1]:.3g}]")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _validate(model, Z, y, k, n_bootstrap, n_q_samples, alpha, bias_correction):
+    from sklearn.utils.validation import check_is_fitted
+
+    check_is_fitted(model)
+    for name, value, low in (("k", k, 1), ("n_bootstrap", n_bootstrap, 1), ("n_q_samples", n_q_samples, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise DataError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not 0.0 < float(alpha) < 1.0:
+        raise DataError(f"alpha must lie in (0, 1), got {alpha!r}")
+    if bias_correction not in BIAS_CORRECTIONS:
+        raise DataError(f"bias_correction must be one of {BIAS_CORRECTIONS}, got {bias_correction!r}")
+    try:
+        Z = np.asarray(Z, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"Z must be a numeric array: {exc}") from None
+    if Z.ndim != 2 or Z.shape[1] != model.n_features_in_:
+        raise DataError(f"Z must have shape (n, {model.n_features_in_}), got {Z.shape}")
+    if not np.all(np.isfinite(Z)):
+        raise DataError(f"Z contains {int(np.sum(~np.isfinite(Z)))} NaN or infinite values")
+    y = np.asarray(y)
+    if y.shape != (len(Z),):
+        raise DataError(f"y must have shape ({len(Z)},) to match Z, got {y.shape}")
+    index = {c.item() if isinstance(c, np.generic) else c: j for j, c in enumerate(model.classes_)}
+    try:
+        cls = np.array([index[v.item() if isinstance(v, np.generic) else v] for v in y], dtype=np.intp)
+    except (KeyError, TypeError):
+        unknown = sorted({str(v) for v in y if (v.item() if isinstance(v, np.generic) else v) not in index})
+        raise DataError(f"y holds labels the model does not know: {unknown[:10]}") from None
+    n_per_class = np.bincount(cls, minlength=len(model.classes_))
+    d = Z.shape[1]
+    for j, c in enumerate(model.classes_):
+        if n_per_class[j] <= k:
+            raise DataError(f"class {c} has {n_per_class[j]} points; k-NN entropy with k={k} "
+                            "needs more than k (lower k or supply more data)")
+        if n_per_class[j] <= d:
+            raise DataError(f"class {c} has {n_per_class[j]} points in d={d} dimensions; a "
+                            f"d-dimensional entropy needs more than d points (project the latents)")
+    thin = [str(c) for j, c in enumerate(model.classes_) if n_per_class[j] < POINTS_PER_DIMENSION * d]
+    if d > HIGH_DIMENSION or thin:
+        warnings.warn(
+            f"k-NN KL estimates are biased in high dimension (d={d}"
+            + (f"; classes {', '.join(thin[:10])} have fewer than {POINTS_PER_DIMENSION}*d points" if thin else "")
+            + "): read eps as indicative only and estimate it on a projected latent "
+            f"(e.g. PCA to <= {HIGH_DIMENSION} dims)", stacklevel=3)
+    return Z, cls, n_per_class
+
+
+def _per_point_kl_terms(model, Z, cls, k, bias_correction, rng):
+    """Per-point terms t_i whose class means estimate KL_k, bias terms per class, infinite flags."""
+    K, d = len(model.classes_), Z.shape[1]
+    log_lik = np.asarray(model.class_log_likelihood(Z), dtype=np.float64)
+    terms = np.zeros(len(Z))
+    references = [np.zeros(1) for _ in range(K)]
+    infinite = np.zeros(K, dtype=bool)
+    for j in range(K):
+        mask = cls == j
+        rank = covariance_rank(Z[mask])
+        if rank < d:
+            infinite[j] = True
+            warnings.warn(f"class {model.classes_[j]}: latents span only {rank} of {d} dimensions, "
+                          "so KL(P_k || N_k) = +inf and the bound is vacuous; drop the constant "
+                          "directions (e.g. PCA) first", stacklevel=3)
+            continue
+        # KL_k = -h(P_k) - E log N_k: each entropy term estimates -log p(z_i).
+        terms[mask] = -knn_entropy_terms(Z[mask], k=k) - log_lik[mask, j]
+        if bias_correction != "none":
+            # h_corrected = h_hat - bias, so KL gains +bias.
+            references[j] = reference_bias_terms(
+                Z[mask], k=k, max_components=1 if bias_correction == "gaussian_reference" else 4,
+                random_state=rng.integers(2**63))
+    return terms, references, infinite
+
+
+def _joint_kl(kl_per_class, proportions, priors):
+    """eps = sum_k p_k KL_k + KL(p || pi), with 0 * anything = 0 for absent classes."""
+    present = proportions > 0
+    label_kl = float(np.sum(proportions[present] * np.log(proportions[present] / priors[present])))
+    return float(np.sum(proportions[present] * kl_per_class[present])) + label_kl, label_kl
+
+
+def mismatch_report(model, Z, y, k: int = 5, n_bootstrap: int = 1000, n_q_samples: int = 20000,
+                    alpha: float = 0.05, bias_correction: str = "mixture_reference",
+                    random_state=None, progress: bool = False) -> MismatchReport:
+    """Estimate eps = KL(P || Q), run Mardia's tests and compute the certified-accuracy bound.
+
+    Parameters
+    ----------
+    model : fitted GaussianMixtureClassifier
+        Needs ``classes_``, ``priors_``, ``n_features_in_``, ``class_log_likelihood``,
+        ``certify(Z, method="exact")`` and ``sample(n, random_state)``.
+    Z : array-like of shape (n, d)
+        Latents (finite). Held-out latents give a fairer eps than the training set.
+    y : array-like of shape (n,)
+        Their labels, values of ``model.classes_``; every class needs more than max(k, d) points.
+    k : int, default 5
+        Neighbour order of the Kozachenko–Leonenko estimator.
+    n_bootstrap : int, default 1000
+        Bootstrap resamples of the points (whole data set, so class proportions vary too).
+    n_q_samples : int, default 20000
+        Draws from the fitted mixture for CertAcc_Q.
+    alpha : float, default 0.05
+        Level of every interval: bootstrap percentile (alpha/2, 1 - alpha/2), Hoeffding.
+    bias_correction : {"mixture_reference", "gaussian_reference", "none"}, default "mixture_reference"
+        Subtract the k-NN estimator's bias measured on samples of a density fitted to each class
+        (a Gaussian mixture of 1-4 components chosen by BIC, or one Gaussian; see
+        :func:`gmcert.entropy.reference_bias_terms`). A parametric-bootstrap correction: it removes
+        most of the bias when the reference resembles the class, nothing guarantees it otherwise.
+        The reference's own noise is resampled in the bootstrap.
+    random_state : int, Generator or None
+        Seeds the bootstrap, the reference samples, Mardia's subsample and the draws from Q.
+    progress : bool, default False
+        Show a tqdm bar over the bootstrap resamples.
+
+    Returns
+    -------
+    MismatchReport
+    """
+    Z, cls, n_per_class = _validate(model, Z, y, k, n_bootstrap, n_q_samples, alpha, bias_correction)
+    rng = np.random.default_rng(random_state)
+    n, d = Z.shape
+    K = len(model.classes_)
+    priors = np.asarray(model.priors_, dtype=np.float64)
+    proportions = n_per_class / n
+    terms, references, infinite = _per_point_kl_terms(model, Z, cls, k, bias_correction, rng)
+
+    kl_per_class = np.array([terms[cls == j].mean() + references[j].mean() for j in range(K)])
+    kl_per_class[infinite] = np.inf
+    kl, label_kl = _joint_kl(kl_per_class, proportions, priors)
+
+    boot_kl = np.empty((n_bootstrap, K))
+    boot_eps = np.empty(n_bootstrap)
+    for b in tqdm(range(n_bootstrap), desc="bootstrap", disable=not progress):
+        idx = rng.integers(0, n, n)
+        counts = np.bincount(cls[idx], minlength=K)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            boot_kl[b] = np.bincount(cls[idx], weights=terms[idx], minlength=K) / counts
+        boot_kl[b] += [ref[rng.integers(0, len(ref), len(ref))].mean() for ref in references]
+        boot_kl[b, infinite] = np.inf
+        boot_eps[b] = _joint_kl(np.nan_to_num(boot_kl[b], nan=0.0, posinf=np.inf), counts / n, priors)[0]
+    quantiles = [100 * alpha / 2, 100 * (1 - alpha / 2)]
+    # Percentiles of arrays holding +inf would interpolate inf - inf; an infinite class is (inf, inf).
+    kl_per_class_interval = np.full((K, 2), np.inf)
+    if not infinite.all():
+        kl_per_class_interval[~infinite] = np.nanpercentile(boot_kl[:, ~infinite], quantiles, axis=0).T
+    kl_interval = (math.inf, math.inf) if infinite.any() else tuple(
+        float(v) for v in np.percentile(boot_eps, quantiles))
+
+    mardia = [{"class": c.item() if isinstance(c, np.generic) else c,
+               **mardia_test(Z[cls == j], random_state=rng.integers(2**63))}
+              for j, c in enumerate(model.classes_)]
+    Zq, yq = model.sample(n_q_samples, random_state=int(rng.integers(2**31)))
+    return MismatchReport(
+        classes=np.asarray(model.classes_), n_per_class=n_per_class, class_proportions=proportions,
+        priors=priors, kl_per_class=kl_per_class, kl_per_class_interval=kl_per_class_interval,
+        kl=kl, kl_interval=kl_interval, label_kl=label_kl, mardia=mardia, dimension=d,
+        settings={"k": int(k), "n_bootstrap": int(n_bootstrap), "n_q_samples": int(n_q_samples),
+                  "alpha": float(alpha), "bias_correction": bias_correction},
+        q_scores=_radius_scores(model, Zq, yq), empirical_scores=_radius_scores(model, Z, y))

@@ -1,0 +1,476 @@
+"""The latent Gaussian-mixture classifier (BRIEF §2): streaming sufficient statistics,
+covariance structures with shrinkage, class scores and certificates.
+
+Covariances are maximum-likelihood (divide by n), as in scikit-learn's GaussianMixture, LDA and
+QDA (checked against scikit-learn 1.9). Regularisation, in order: shrinkage of the full per-class (``tied``: pooled
+within-class) covariance, restriction to the structure (``diag``: its diagonal; ``spherical``:
+the mean of its diagonal), then ``reg_covar`` added to the diagonal.
+"""
+from __future__ import annotations
+
+from numbers import Integral, Real
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from gmcert import certificates
+from gmcert.errors import DataError
+
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+SHRINKAGE_METHODS = ("ledoit_wolf", "oas")
+EM_STEPS = 25
+
+
+def label_indices(classes, y):
+    """Indices into sorted ``classes`` of labels ``y``; DataError for labels not among them."""
+    y = np.asarray(y)
+    try:
+        pos = np.clip(np.searchsorted(classes, y), 0, len(classes) - 1)
+        unknown = classes[pos] != y
+    except TypeError:  # e.g. string labels against numeric classes
+        raise DataError(f"y: labels of type {y.dtype} cannot match the classes {classes.tolist()}") from None
+    if unknown.any():
+        raise DataError(f"y: labels {np.unique(y[unknown])[:5].tolist()} are not among the "
+                        f"classes {classes.tolist()}")
+    return pos
+
+
+class SufficientStatistics:
+    """Per-class sums of a stream of latents; ``a + b`` merges two streams (e.g. across machines).
+
+    Sums are taken around a per-class reference point (the first chunk's class mean) so that
+    second and fourth moments do not cancel catastrophically when the data sit far from the
+    origin; :meth:`shifted` moves them to any other point exactly. The quartic sums make
+    Ledoit-Wolf shrinkage computable from the statistics alone.
+
+    Attributes
+    ----------
+    classes : ndarray (K,)
+    count : ndarray (K,) float64
+        Number (or total weight) of samples.
+    reference : ndarray (K, d)
+    sum, outer, cubic, quartic : ndarray (K, d), (K, d, d), (K, d), (K,)
+        Sums of ``y``, ``y y^T``, ``||y||^2 y`` and ``||y||^4`` with ``y = z - reference``.
+    """
+
+    def __init__(self, classes, count, reference, sum, outer, cubic, quartic):
+        self.classes = np.asarray(classes)
+        self.count, self.reference, self.sum, self.outer, self.cubic, self.quartic = (
+            np.array(x, dtype=np.float64) for x in (count, reference, sum, outer, cubic, quartic))
+
+    @classmethod
+    def empty(cls, classes, n_features):
+        K, d = len(classes), int(n_features)
+        return cls(classes, np.zeros(K), np.zeros((K, d)), np.zeros((K, d)), np.zeros((K, d, d)),
+                   np.zeros((K, d)), np.zeros(K))
+
+    @classmethod
+    def from_data(cls, Z, y, classes=None, chunk_size=65536):
+        """Statistics of validated float64 latents ``Z (n, d)`` with labels ``y (n,)``."""
+        classes = np.unique(y) if classes is None else np.asarray(classes)
+        return cls.empty(classes, Z.shape[1]).accumulate(Z, y, chunk_size)
+
+    @classmethod
+    def from_responsibilities(cls, Z, resp):
+        """Weighted statistics of in-memory ``Z`` for each column of ``resp (n, M)`` (for EM)."""
+        count = resp.sum(axis=0)
+        reference = (resp.T @ Z) / np.maximum(count, 1e-300)[:, None]
+        stats = cls.empty(np.arange(resp.shape[1]), Z.shape[1])
+        stats.count, stats.reference = count, reference
+        for j in range(resp.shape[1]):
+            Y = Z - reference[j]
+            sq = np.einsum("nd,nd->n", Y, Y)
+            w = resp[:, j]
+            stats.sum[j], stats.outer[j] = w @ Y, (Y * w[:, None]).T @ Y
+            stats.cubic[j], stats.quartic[j] = (w * sq) @ Y, w @ (sq * sq)
+        return stats
+
+    def class_indices(self, y):
+        """Indices into ``classes`` of labels ``y``; DataError for labels not among them."""
+        return label_indices(self.classes, y)
+
+    def accumulate(self, Z, y, chunk_size=65536):
+        """Add rows of ``Z`` with labels ``y`` in chunks of ``chunk_size``; returns self."""
+        idx = self.class_indices(y)
+        for start in range(0, len(Z), chunk_size):
+            Zc, ic = Z[start:start + chunk_size], idx[start:start + chunk_size]
+            order = np.argsort(ic, kind="stable")
+            ks, starts = np.unique(ic[order], return_index=True)
+            for k, rows in zip(ks, np.split(order, starts[1:])):
+                Yk = Zc[rows]
+                if self.count[k] == 0:
+                    self.reference[k] = Yk.mean(axis=0)
+                Y = Yk - self.reference[k]
+                sq = np.einsum("nd,nd->n", Y, Y)
+                self.count[k] += len(Y)
+                self.sum[k] += Y.sum(axis=0)
+                self.outer[k] += Y.T @ Y
+                self.cubic[k] += sq @ Y
+                self.quartic[k] += sq @ sq
+        return self
+
+    def shifted(self, reference):
+        """The same statistics taken around ``reference (K, d)`` (exact algebra, no data)."""
+        t = self.reference - reference  # y_new = y_old + t
+        n, s, O, c, q = self.count, self.sum, self.outer, self.cubic, self.quartic
+        tt, st = np.einsum("kd,kd->k", t, t), np.einsum("kd,kd->k", s, t)
+        trace, Ot = np.einsum("kdd->k", O), np.einsum("kde,ke->kd", O, t)
+        quartic = (q + 4 * np.einsum("kd,kd->k", Ot, t) + n * tt ** 2 + 4 * np.einsum("kd,kd->k", c, t)
+                   + 2 * tt * trace + 4 * tt * st)
+        cubic = (c + trace[:, None] * t + 2 * Ot + 2 * st[:, None] * t + tt[:, None] * s
+                 + (n * tt)[:, None] * t)
+        outer = O + t[:, :, None] * s[:, None, :] + s[:, :, None] * t[:, None, :] + \
+            n[:, None, None] * t[:, :, None] * t[:, None, :]
+        return SufficientStatistics(self.classes, n, reference, s + n[:, None] * t, outer, cubic, quartic)
+
+    def centered(self):
+        """``(count, mean, scatter, quartic)`` about each class mean; classes with count 0 give NaN."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = self.reference + self.sum / self.count[:, None]
+        c = self.shifted(np.where(self.count[:, None] > 0, mean, self.reference))
+        return c.count, mean, c.outer, c.quartic
+
+    def merge(self, other):
+        """Statistics of both streams; classes are the union of both."""
+        classes = np.union1d(self.classes, other.classes)
+        out = SufficientStatistics.empty(classes, self.reference.shape[1])
+        for part in (self, other):
+            pos = np.searchsorted(classes, part.classes)
+            fresh = out.count[pos] == 0
+            ref = np.where(fresh[:, None], part.reference, out.reference[pos])
+            moved = part.shifted(ref)
+            out.reference[pos] = ref
+            for name in ("count", "sum", "outer", "cubic", "quartic"):
+                getattr(out, name)[pos] += getattr(moved, name)
+        return out
+
+    __add__ = merge
+
+
+def shrunk_covariance(emp, n, quartic, shrinkage):
+    """Shrink an ML covariance ``emp (d, d)`` of ``n`` samples; returns ``(cov, intensity)``.
+
+    ``float s``: ``(1-s) emp + s I`` (QDA's ``reg_param``). ``ledoit_wolf`` / ``oas``: towards
+    ``tr(emp)/d I`` with scikit-learn's intensities (``sklearn.covariance.ledoit_wolf`` / ``oas``);
+    Ledoit-Wolf's needs ``quartic = sum ||z - mean||^4``.
+    """
+    d = emp.shape[0]
+    if shrinkage is None:
+        return emp, 0.0
+    if not isinstance(shrinkage, str):
+        return (1 - shrinkage) * emp + shrinkage * np.eye(d), float(shrinkage)
+    if d == 1:
+        return emp, 0.0
+    mu = np.trace(emp) / d
+    if shrinkage == "ledoit_wolf":
+        frob2 = np.sum(emp ** 2)
+        beta = (quartic / n - frob2) / (d * n)
+        delta = (frob2 - 2 * mu * np.trace(emp) + d * mu ** 2) / d
+        s = 0.0 if min(beta, delta) == 0 else min(beta, delta) / delta
+    else:
+        alpha = np.mean(emp ** 2)
+        den = (n + 1) * (alpha - mu ** 2 / d)
+        s = 1.0 if den == 0 else min((alpha + mu ** 2) / den, 1.0)
+    return (1 - s) * emp + s * mu * np.eye(d), float(s)
+
+
+class GaussianMixtureClassifier(ClassifierMixin, BaseEstimator):
+    """Gaussian (mixture) class-conditional classifier with certified latent radii.
+
+    Parameters
+    ----------
+    covariance_type : {"full", "tied", "diag", "spherical"}, default="full"
+    shrinkage : None, "ledoit_wolf", "oas" or float in [0, 1], default=None
+        See :func:`shrunk_covariance`; applied before the structure and ``reg_covar``.
+    reg_covar : float >= 0, default=1e-6
+        Added to the diagonal of every covariance.
+    priors : array-like (K,) of positive floats summing to 1, or None (class frequencies)
+    n_components_per_class : int >= 1, default=1
+        Above 1, each class is a mixture fitted by k-means then ``EM_STEPS`` EM steps; this
+        needs the class's data in memory (``fit`` only, no ``partial_fit``). Class scores are
+        ``2 logsumexp`` of component scores; ``tied`` shares one covariance among all components.
+    chunk_size : int, default=65536
+        Rows per chunk when accumulating statistics.
+    random_state : int, RandomState or None
+        Seeds k-means and EM (only used when ``n_components_per_class > 1``).
+
+    Attributes
+    ----------
+    classes_, n_features_in_, priors_ (K,)
+    means_ (M, d), covariances_ (scikit-learn GaussianMixture layout), shrinkage_ (M,) or (1,)
+        Per component; with one component per class, per class.
+    component_class_, component_log_weights_, component_means_, component_precisions_,
+    component_log_dets_
+        Every covariance type materialised as full precision matrices (see the preamble contract).
+    statistics_ : SufficientStatistics
+        Per-class statistics of all data seen.
+    """
+
+    def __init__(self, covariance_type="full", shrinkage=None, reg_covar=1e-6, priors=None,
+                 n_components_per_class=1, chunk_size=65536, random_state=None):
+        self.covariance_type = covariance_type
+        self.shrinkage = shrinkage
+        self.reg_covar = reg_covar
+        self.priors = priors
+        self.n_components_per_class = n_components_per_class
+        self.chunk_size = chunk_size
+        self.random_state = random_state
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, Z, y):
+        """Fit from latents ``Z (n, d)`` and labels ``y (n,)``; returns self."""
+        self._check_params()
+        Z, y = self._check_training_data(Z, y, reset=True)
+        classes = np.unique(y)
+        if len(classes) < 2:
+            raise DataError(f"y: needs at least 2 classes, got {len(classes)} class")
+        self.statistics_ = SufficientStatistics.from_data(Z, y, classes, self.chunk_size)
+        self.classes_ = classes
+        if self.n_components_per_class == 1:
+            self._estimate(self.statistics_)
+        else:
+            self._fit_components(Z, self.statistics_.class_indices(y))
+        return self
+
+    def partial_fit(self, Z, y, classes=None):
+        """Add a chunk of data; parameters are re-estimated once every class has 2 samples.
+
+        ``classes`` (all labels that will ever appear) is needed on the first call unless this
+        chunk holds them all.
+        """
+        if self.n_components_per_class != 1:
+            raise ValueError("partial_fit needs n_components_per_class=1 (EM needs all data in memory)")
+        first = not hasattr(self, "statistics_")
+        if first:
+            self._check_params()
+        Z, y = self._check_training_data(Z, y, reset=first)
+        if first:
+            self.classes_ = np.unique(y if classes is None else classes)
+            self.statistics_ = SufficientStatistics.empty(self.classes_, Z.shape[1])
+        elif classes is not None and not np.array_equal(np.unique(classes), self.classes_):
+            raise DataError(f"classes: {np.unique(classes).tolist()} differ from the first call's "
+                            f"{self.classes_.tolist()}")
+        self.statistics_.accumulate(Z, y, self.chunk_size)
+        if len(self.classes_) >= 2 and (self.statistics_.count >= 2).all():
+            self._estimate(self.statistics_)
+        return self
+
+    def _check_params(self):
+        if self.covariance_type not in COVARIANCE_TYPES:
+            raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {self.covariance_type!r}")
+        s = self.shrinkage
+        if not (s is None or (isinstance(s, str) and s in SHRINKAGE_METHODS) or
+                (isinstance(s, Real) and not isinstance(s, bool) and 0 <= s <= 1)):
+            raise ValueError(f"shrinkage must be None, {SHRINKAGE_METHODS} or a float in [0, 1], got {s!r}")
+        if not (isinstance(self.reg_covar, Real) and np.isfinite(self.reg_covar) and self.reg_covar >= 0):
+            raise ValueError(f"reg_covar must be a finite float >= 0, got {self.reg_covar!r}")
+        for name in ("n_components_per_class", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+    def _check_training_data(self, Z, y, reset):
+        try:
+            Z, y = validate_data(self, Z, y, reset=reset, dtype=np.float64)
+            check_classification_targets(y)
+        except DataError:
+            raise
+        except ValueError as exc:
+            raise DataError(str(exc)) from exc
+        return Z, y
+
+    def _priors(self, count):
+        if self.priors is None:
+            return count / count.sum()
+        priors = np.asarray(self.priors, dtype=np.float64).ravel()
+        if len(priors) != len(count) or not (priors > 0).all() or abs(priors.sum() - 1) > 1e-6:
+            raise ValueError(f"priors must be {len(count)} positive numbers summing to 1, got {self.priors!r}")
+        return priors / priors.sum()
+
+    def _estimate(self, stats):
+        """Single-component fit from class statistics."""
+        too_few = stats.count < 2
+        if too_few.any():
+            raise DataError(f"classes {stats.classes[too_few].tolist()} have fewer than 2 samples; "
+                            "a covariance needs at least 2")
+        count, mean, scatter, quartic = stats.centered()
+        self.priors_ = self._priors(count)
+        self._set_components(np.arange(len(count)), np.log(self.priors_), count, mean, scatter, quartic)
+
+    def _covariances(self, count, mean, scatter, quartic, owners):
+        """Covariances (M, d, d), precisions, log-determinants and shrinkage intensities of
+        components from their centred statistics; ``owners`` (M,) labels name them in errors."""
+        d = mean.shape[1]
+        if self.covariance_type == "tied":
+            cov, s = shrunk_covariance(scatter.sum(0) / count.sum(), count.sum(), quartic.sum(), self.shrinkage)
+            covs, shrink = np.repeat(cov[None], len(count), axis=0), np.array([s])
+        else:
+            pairs = [shrunk_covariance(S / n, n, q, self.shrinkage) for S, n, q in zip(scatter, count, quartic)]
+            covs, shrink = np.array([c for c, _ in pairs]), np.array([s for _, s in pairs])
+        if self.covariance_type == "diag":
+            covs = np.einsum("kdd->kd", covs)[:, :, None] * np.eye(d)
+        elif self.covariance_type == "spherical":
+            covs = (np.einsum("kdd->k", covs) / d)[:, None, None] * np.eye(d)
+        covs = covs + self.reg_covar * np.eye(d)
+        precisions, log_dets = np.empty_like(covs), np.empty(len(covs))
+        for m, cov in enumerate(covs):
+            try:
+                chol = np.linalg.cholesky(cov)
+            except np.linalg.LinAlgError:
+                raise DataError(f"the covariance of class {owners[m]!r} is singular; increase "
+                                "reg_covar or set shrinkage") from None
+            inv_chol = np.linalg.inv(chol)
+            precisions[m] = inv_chol.T @ inv_chol
+            log_dets[m] = 2 * np.log(np.diagonal(chol)).sum()
+        return covs, (precisions + precisions.transpose(0, 2, 1)) / 2, log_dets, shrink
+
+    def _set_components(self, component_class, log_weights, count, mean, scatter, quartic):
+        covs, precisions, log_dets, shrink = self._covariances(
+            count, mean, scatter, quartic, self.classes_[component_class])
+        self.component_class_ = np.asarray(component_class, dtype=np.int64)
+        self.component_log_weights_ = np.asarray(log_weights, dtype=np.float64)
+        self.component_means_ = self.means_ = mean
+        self.component_precisions_, self.component_log_dets_ = precisions, log_dets
+        self.shrinkage_ = shrink
+        self.covariances_ = {"full": covs, "tied": covs[0], "diag": np.einsum("kdd->kd", covs),
+                             "spherical": covs[:, 0, 0]}[self.covariance_type]
+        self._build_geometry()
+
+    def _structure(self):
+        return {"full": "full", "tied": "tied", "diag": "diag", "spherical": "diag"}[self.covariance_type]
+
+    def _build_geometry(self):
+        structure = self._structure()
+        self._geometry = certificates.MixtureGeometry(
+            self.component_class_, self.component_log_weights_, self.component_means_,
+            self.component_precisions_, self.component_log_dets_, structure)
+        n_comp, d = self.component_means_.shape
+        if structure == "full" and n_comp * n_comp * d * d <= 2 ** 23:  # <= 64 MB of eigenvectors
+            self._geometry.precompute_pairs()
+
+    def _fit_components(self, Z, idx):
+        """k-means then EM within each class; the final M-step sees all classes (tied pooling)."""
+        from sklearn.cluster import KMeans
+
+        rng = check_random_state(self.random_state)
+        M, K = self.n_components_per_class, len(self.classes_)
+        self.priors_ = self._priors(self.statistics_.count)
+        resps = []
+        for k in range(K):
+            Zk = Z[idx == k]
+            if len(Zk) < 2 * M:
+                raise DataError(f"class {self.classes_[k]!r} has {len(Zk)} samples; "
+                                f"n_components_per_class={M} needs at least {2 * M}")
+            labels = KMeans(M, n_init=3, random_state=rng.randint(2 ** 31 - 1)).fit(Zk).labels_
+            resp = np.eye(M)[labels]
+            owners = np.repeat(self.classes_[k:k + 1], M)
+            for _ in range(EM_STEPS):
+                stats = SufficientStatistics.from_responsibilities(Zk, resp)
+                if (stats.count < 2).any():
+                    raise DataError(f"a mixture component of class {self.classes_[k]!r} lost its samples "
+                                    "during EM; lower n_components_per_class or raise reg_covar")
+                count, mean, scatter, quartic = stats.centered()
+                _, precisions, log_dets, _ = self._covariances(count, mean, scatter, quartic, owners)
+                geo = certificates.MixtureGeometry(np.arange(M), np.log(count / len(Zk)), mean,
+                                                   precisions, log_dets, self._structure())
+                half = geo.component_terms(Zk)[0] / 2
+                half = np.exp(half - half.max(axis=1, keepdims=True))
+                resp = half / half.sum(axis=1, keepdims=True)
+            resps.append(resp)
+        parts = [SufficientStatistics.from_responsibilities(Z[idx == k], r) for k, r in enumerate(resps)]
+        count = np.concatenate([p.count for p in parts])
+        _, mean, scatter, quartic = SufficientStatistics(
+            np.arange(len(count)), count, *(np.concatenate([getattr(p, a) for p in parts])
+                                            for a in ("reference", "sum", "outer", "cubic", "quartic"))).centered()
+        component_class = np.repeat(np.arange(K), M)
+        class_count = np.bincount(component_class, weights=count)
+        log_weights = np.log(self.priors_[component_class]) + np.log(count / class_count[component_class])
+        self._set_components(component_class, log_weights, count, mean, scatter, quartic)
+
+    # --------------------------------------------------------------- inference
+    def _check_latents(self, Z):
+        check_is_fitted(self)
+        if not hasattr(self, "_geometry"):
+            short = self.classes_[self.statistics_.count < 2].tolist()
+            raise DataError(f"classes {short} have fewer than 2 samples so far; partial_fit more data")
+        try:
+            return validate_data(self, Z, reset=False, dtype=np.float64)
+        except ValueError as exc:
+            raise DataError(str(exc)) from exc
+
+    def _class_scores(self, Z):
+        geo = self._geometry
+        rows = max(64, 2 ** 21 // (len(geo.means) * Z.shape[1]))
+        return np.concatenate([geo.class_scores(geo.component_terms(Z[i:i + rows])[0])
+                               for i in range(0, len(Z), rows)]) if len(Z) else np.empty((0, len(self.classes_)))
+
+    def decision_function(self, Z):
+        """Class scores ``s_k`` (BRIEF §2), shape (n, K) for every K (also K = 2)."""
+        return self._class_scores(self._check_latents(Z))
+
+    def predict_log_proba(self, Z):
+        half = self._class_scores(self._check_latents(Z)) / 2
+        top = half.max(axis=1, keepdims=True)
+        return half - top - np.log(np.exp(half - top).sum(axis=1, keepdims=True))
+
+    def predict_proba(self, Z):
+        """Posterior class probabilities ``softmax(s / 2)``, shape (n, K)."""
+        return np.exp(self.predict_log_proba(Z))
+
+    def predict(self, Z):
+        scores = self._class_scores(self._check_latents(Z))
+        return self.classes_[scores.argmax(axis=1)]
+
+    def score(self, Z, y, sample_weight=None):
+        """Accuracy; DataError for labels not seen at fit."""
+        check_is_fitted(self)
+        label_indices(self.classes_, np.asarray(y).ravel())
+        return super().score(Z, y, sample_weight=sample_weight)
+
+    def class_log_likelihood(self, Z):
+        """``log p(z | class k)``, the normalised class density, shape (n, K), float64."""
+        d = self.n_features_in_
+        scores = self._class_scores(self._check_latents(Z))
+        return scores / 2 - np.log(self.priors_) - d / 2 * np.log(2 * np.pi)
+
+    def certify(self, Z, method="exact", return_direction=False, n_jobs=None):
+        """Predicted labels and certified latent L2 radii (see :func:`gmcert.certificates.certify`,
+        which also documents ``return_direction`` and ``n_jobs``).
+
+        Returns ``(labels (n,), radius (n,) float64)``, plus unit directions ``(n, d)`` with
+        ``return_direction=True``. With several components per class the radii are the sound
+        shifted-margin bound (not exact).
+        """
+        Z = self._check_latents(Z)
+        out = certificates.certify(self._geometry, Z, method, return_direction=return_direction, n_jobs=n_jobs)
+        return (self.classes_[out[0]],) + tuple(out[1:])
+
+    def sample(self, n, random_state=None):
+        """Draw ``(Z (n, d) float64, labels (n,))`` from the fitted mixture."""
+        check_is_fitted(self)
+        rng = check_random_state(random_state)
+        comp = rng.choice(len(self.component_class_), size=int(n), p=np.exp(self.component_log_weights_))
+        Z = np.empty((int(n), self.n_features_in_))
+        for m in np.unique(comp):
+            rows = np.flatnonzero(comp == m)
+            chol = np.linalg.cholesky(np.linalg.inv(self.component_precisions_[m]))
+            Z[rows] = self.component_means_[m] + rng.standard_normal((len(rows), Z.shape[1])) @ chol.T
+        return Z, self.classes_[self.component_class_[comp]]
+
+    # ------------------------------------------------------------- model files
+    def save(self, path):
+        """Write the fitted model to ``path`` (.npz + JSON metadata, no pickle; see gmcert.modelio)."""
+        from gmcert import modelio
+
+        check_is_fitted(self, "component_precisions_")
+        modelio.save_classifier(self, path)
+
+    @classmethod
+    def load(cls, path):
+        """Read a model written by :meth:`save`; ModelFileError names what is wrong otherwise."""
+        from gmcert import modelio
+
+        return modelio.load_classifier(cls, path)

@@ -1,0 +1,181 @@
+"""Fitted linear projections of latents: PCA (orthonormal rows, no whitening) and identity.
+
+Both are 1-Lipschitz in the L2 norm with equality on the row space, so a latent radius after the
+projection is a radius before it (BRIEF section 4): whitening would break that, so it is not offered.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from gmcert.errors import DataError, ModelFileError
+
+PROJECTIONS = ("pca", "none")
+#: Rows whose Gram matrix is this close to the identity count as orthonormal.
+ORTHONORMAL_TOL = 1e-10
+
+
+class ProjectionLayer(nn.Module):
+    """``z = (x - mean) @ weight.T``: an affine map with orthonormal-row ``weight`` ``(k, d)``."""
+
+    def __init__(self, mean: np.ndarray, weight: np.ndarray, dtype=torch.float32):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=dtype))
+        self.register_buffer("weight", torch.as_tensor(weight, dtype=dtype))
+
+    def forward(self, x):
+        return (x.flatten(1) - self.mean) @ self.weight.T
+
+
+def _check_fitted(obj):
+    if getattr(obj, "components_", None) is None:
+        raise DataError(f"this {type(obj).__name__} is not fitted yet: call fit(Z) first")
+
+
+class PCAProjection:
+    """Principal components of latents, rows orthonormal.
+
+    Parameters
+    ----------
+    n_components : int
+        Output dimension k; at most ``min(n_samples, n_features)``.
+
+    Attributes
+    ----------
+    mean_ : ndarray of shape (d,)
+    components_ : ndarray of shape (k, d)
+        Orthonormal rows, sorted by decreasing variance; the sign makes each row's largest
+        absolute entry positive, so refits give identical arrays.
+    explained_variance_ : ndarray of shape (k,)
+    n_features_in_ : int
+    """
+
+    kind = "pca"
+
+    def __init__(self, n_components: int):
+        self.n_components = n_components
+        self.components_ = None
+
+    def fit(self, Z) -> PCAProjection:
+        """Fit on ``Z`` of shape (n, d) (float64 internally)."""
+        Z = _as_matrix(Z, "Z")
+        n, d = Z.shape
+        k = self.n_components
+        if not isinstance(k, (int, np.integer)) or not 1 <= k <= min(n, d):
+            raise DataError(f"n_components must be an int in [1, min(n_samples, n_features)] = "
+                            f"[1, {min(n, d)}], got {k!r}")
+        self.mean_ = Z.mean(axis=0)
+        _, s, vt = np.linalg.svd(Z - self.mean_, full_matrices=False)
+        rows = vt[:k]
+        signs = np.sign(rows[np.arange(k), np.argmax(np.abs(rows), axis=1)])
+        self.components_ = rows * np.where(signs == 0, 1.0, signs)[:, None]
+        self.explained_variance_ = s[:k] ** 2 / max(n - 1, 1)
+        self.n_features_in_ = d
+        return self
+
+    def transform(self, Z) -> np.ndarray:
+        """Project ``Z`` (n, d) -> (n, k) float64."""
+        _check_fitted(self)
+        Z = _as_matrix(Z, "Z")
+        if Z.shape[1] != self.n_features_in_:
+            raise DataError(f"Z has {Z.shape[1]} features, the projection was fitted on {self.n_features_in_}")
+        return (Z - self.mean_) @ self.components_.T
+
+    def fit_transform(self, Z) -> np.ndarray:
+        return self.fit(Z).transform(Z)
+
+    def lipschitz_constant(self) -> float:
+        """1: orthonormal rows have spectral norm exactly 1 (checked on load)."""
+        return 1.0
+
+    def to_torch(self, dtype=torch.float32) -> ProjectionLayer:
+        """The projection as a module (for smoothing the whole pipeline and Lipschitz bounds)."""
+        _check_fitted(self)
+        return ProjectionLayer(self.mean_, self.components_, dtype)
+
+    def to_arrays(self) -> dict:
+        """Plain arrays for ``gmcert.modelio.save_arrays`` (no pickle)."""
+        _check_fitted(self)
+        return {"kind": np.array(self.kind), "mean": self.mean_, "components": self.components_,
+                "explained_variance": self.explained_variance_}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> PCAProjection:
+        """Inverse of :meth:`to_arrays`; validates shapes, finiteness and orthonormality."""
+        try:
+            mean = np.asarray(arrays["mean"], dtype=np.float64)
+            comps = np.asarray(arrays["components"], dtype=np.float64)
+            var = np.asarray(arrays["explained_variance"], dtype=np.float64)
+        except KeyError as err:
+            raise ModelFileError("projection", "corrupt", f"missing array {err}") from err
+        if comps.ndim != 2 or mean.shape != (comps.shape[1],) or var.shape != (comps.shape[0],):
+            raise ModelFileError("projection", "corrupt", f"shapes mean {mean.shape}, components {comps.shape}")
+        if not (np.all(np.isfinite(comps)) and np.all(np.isfinite(mean))):
+            raise ModelFileError("projection", "corrupt", "non-finite values")
+        gram_error = np.abs(comps @ comps.T - np.eye(comps.shape[0])).max()
+        if gram_error > ORTHONORMAL_TOL:
+            raise ModelFileError("projection", "corrupt", f"rows not orthonormal (error {gram_error:.2e})")
+        out = cls(int(comps.shape[0]))
+        out.mean_, out.components_, out.explained_variance_ = mean, comps, var
+        out.n_features_in_ = int(comps.shape[1])
+        return out
+
+
+class IdentityProjection:
+    """The ``none`` projection: latents pass through unchanged (as float64)."""
+
+    kind = "none"
+
+    def fit(self, Z) -> IdentityProjection:
+        self.n_features_in_ = _as_matrix(Z, "Z").shape[1]
+        return self
+
+    def transform(self, Z) -> np.ndarray:
+        return _as_matrix(Z, "Z")
+
+    def fit_transform(self, Z) -> np.ndarray:
+        return self.fit(Z).transform(Z)
+
+    def lipschitz_constant(self) -> float:
+        return 1.0
+
+    def to_torch(self, dtype=torch.float32) -> nn.Module:
+        return nn.Flatten(1)
+
+    def to_arrays(self) -> dict:
+        return {"kind": np.array(self.kind)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> IdentityProjection:
+        return cls()
+
+
+def make_projection(kind: str, n_components: int | None = None):
+    """``"pca"`` (needs ``n_components``) or ``"none"``."""
+    if kind == "pca":
+        if n_components is None:
+            raise DataError("projection 'pca' needs n_components")
+        return PCAProjection(n_components)
+    if kind == "none":
+        return IdentityProjection()
+    raise DataError(f"projection must be one of {PROJECTIONS}, got {kind!r}")
+
+
+def projection_from_arrays(arrays: dict):
+    """Rebuild whichever projection ``to_arrays`` saved (dispatch on its ``kind`` entry)."""
+    kind = str(np.asarray(arrays.get("kind", "")))
+    if kind == "pca":
+        return PCAProjection.from_arrays(arrays)
+    if kind == "none":
+        return IdentityProjection()
+    raise ModelFileError("projection", "corrupt", f"unknown projection kind {kind!r}")
+
+
+def _as_matrix(Z, name):
+    Z = np.asarray(Z, dtype=np.float64)
+    if Z.ndim != 2 or Z.shape[0] == 0:
+        raise DataError(f"{name} must be a non-empty 2-D array (n_samples, n_features), got shape {Z.shape}")
+    if not np.all(np.isfinite(Z)):
+        raise DataError(f"{name} contains NaN or inf")
+    return Z

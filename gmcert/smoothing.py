@@ -1,0 +1,535 @@
+"""Randomized smoothing (BRIEF §6-§7): Cohen et al.'s PREDICT and CERTIFY, and anytime-valid
+sequential certification with priors and batch triage.
+
+The smoothed classifier is g(x) = argmax_k P(base(x + N(0, sigma^2 I)) = k). ``certify`` is Cohen
+et al.'s CERTIFY: n0 selection draws pick c_A, n fresh draws count it, the one-sided
+Clopper-Pearson bound p_lower at level 1 - alpha gives radius sigma * Phi^-1(p_lower).
+
+``certify_sequential`` / ``certify_batch`` replace the fixed n by a confidence sequence (CS) for
+p_A, checked at a fixed grid of sample sizes ("looks"), stopping as soon as the question is
+settled. Validity rests on three facts, none of which involves the priors or the stopping rules:
+
+1. Pilot draws (class selection and prior) come from a separate generator stream and are never
+   counted, so given the pilot the counted draws are i.i.d. Bernoulli(p_{c_A}).
+2. Alpha split between selection and the sequence: (0, alpha). The only probabilistic claim is
+   p_{c_A} >= p_lower; by fact 1 it holds with probability >= 1 - alpha conditionally on
+   whatever class the pilot picked, exactly as in Cohen's CERTIFY. A poorly chosen class only
+   makes the procedure abstain, so selection needs no share of alpha.
+3. The CS covers p_A at every look simultaneously with probability >= 1 - alpha, so stopping at
+   any look by any rule (including triage rules that look at other inputs) keeps
+   P(p_A < p_lower) <= alpha. Two constructions, both fixed from the pilot before counting:
+   * ``"spending"`` (default): look j gets the one-sided Clopper-Pearson bound at level
+     alpha * w_j, with sum_j w_j <= 1 (union bound). The weights put alpha where the prior
+     expects this input to stop (``plan_alpha_weights``), keeping a floor everywhere.
+   * ``"mixture"``: the beta-binomial mixture martingale of ``stats.betabinomial_cs`` (Ville).
+   A wrong prior moves alpha to the wrong looks or the mixture to the wrong place: it costs
+   samples, never validity.
+If p_lower > 1/2 then c_A is the smoothed prediction and no perturbation of L2 norm below
+sigma * Phi^-1(p_lower) changes it (Cohen et al., Theorem 1).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+from scipy.special import ndtr, ndtri
+
+from gmcert import stats
+from gmcert.errors import DataError
+from gmcert.results import ABSTAIN, Certificate
+
+#: stop_reason values; "" (index 0) marks an input still being counted.
+STOP_REASONS = ("", "target_certified", "target_out_of_reach", "max_radius", "abstain",
+                "radius_converged", "max_samples", "undecided", "fixed_n")
+_MAX_SAMPLES, _UNDECIDED = 6, 7
+
+
+def look_schedule(first_check=32, growth=1.1, max_samples=100_000):
+    """Sample sizes (J,) at which the CS is checked: steps of ``first_check``, then growing
+    geometrically by ``growth``, ending exactly at ``max_samples``."""
+    if not (max_samples >= 1 and first_check >= 1 and growth > 1.0):
+        raise DataError("need max_samples >= 1, first_check >= 1 and growth > 1")
+    looks = [min(first_check, max_samples)]
+    while looks[-1] < max_samples:
+        step = max(first_check, math.ceil((growth - 1.0) * looks[-1]))
+        looks.append(min(max_samples, looks[-1] + step))
+    return np.asarray(looks, dtype=np.float64)
+
+
+class StoppingRules:
+    """When an input stops counting. Rules decide cost, never validity (module docstring).
+
+    Target mode (threshold = Phi(target / sigma) given): ``target_certified`` once
+    LCB >= threshold, ``target_out_of_reach`` once UCB < threshold. Radius mode: ``max_radius``
+    once LCB >= Phi(max_radius / sigma); ``abstain`` once UCB < 1/2; ``radius_converged`` once
+    the radius is within ``radius_tol`` of what fixed-n CERTIFY with ``max_samples`` draws would
+    give at the current hit rate (abstaining counts as radius 0), unless that projection reaches
+    ``max_radius``. Both modes: ``max_samples``.
+    """
+
+    def __init__(self, alpha, sigma, max_radius=None, radius_tol=None, max_samples=100_000):
+        self.alpha, self.sigma, self.max_samples = alpha, sigma, max_samples
+        self.cap = np.inf if max_radius is None else float(max_radius)
+        self.cap_p = ndtr(self.cap / sigma)
+        self.tol = 0.04 * sigma if radius_tol is None else float(radius_tol)
+
+    def project(self, p_hat):
+        """(radius, reaches max_radius) of fixed-n CERTIFY with max_samples draws at rate p_hat."""
+        n = self.max_samples
+        p_lower = stats.clopper_pearson_lower(np.round(np.asarray(p_hat) * n), n, self.alpha)
+        return self.sigma * ndtri(p_lower), p_lower >= self.cap_p
+
+    def decide(self, projection, trials, lower, upper, threshold=None):
+        """Index into STOP_REASONS (0: go on), broadcast over all arguments."""
+        if threshold is not None:
+            conditions = [lower >= threshold, upper < threshold]
+            codes = [1, 2]
+        else:
+            ref_radius, reachable = projection
+            now = np.maximum(self.sigma * ndtri(np.minimum(lower, self.cap_p)), 0.0)
+            ref = np.maximum(np.minimum(ref_radius, self.cap), 0.0)
+            conditions = [lower >= self.cap_p, upper < 0.5, ~reachable & (ref - now <= self.tol)]
+            codes = [3, 4, 5]
+        return np.select(conditions + [trials >= self.max_samples], codes + [_MAX_SAMPLES], 0)
+
+
+def plan_alpha_weights(mu_z, var_z, looks, rules, threshold=None, floor=0.2, spread=3.0):
+    """Alpha-spending weights (N, J) summing to < 1 per input: where the prior expects a stop.
+
+    For probit-scale prior nodes p = Phi(mu_z + sqrt(var_z) * node), the look at which the rules
+    would stop if the hit rate were exactly p is found with Wilson bounds (a planning
+    approximation only); those looks, smoothed by a Gaussian kernel of ``spread`` looks, get
+    ``1 - floor`` of the weight and every look gets ``floor / J``.
+    """
+    nodes, node_w = np.polynomial.hermite_e.hermegauss(12)
+    node_w = node_w / node_w.sum()
+    z_plan = -ndtri(0.2 * rules.alpha)  # a typical per-look level under this plan
+    offsets = np.arange(-int(3 * spread), int(3 * spread) + 1)
+    kernel = np.exp(-0.5 * (offsets / spread) ** 2)
+    kernel /= kernel.sum()
+    n_looks, weights = len(looks), []
+    for rows in np.array_split(np.arange(len(mu_z)), max(1, len(mu_z) // 256)):
+        p = np.clip(ndtr(mu_z[rows, None] + np.sqrt(var_z[rows, None]) * nodes), 1e-12, 1 - 1e-12)
+        lower, upper = stats.wilson_interval(p[..., None], looks, z_plan)
+        projection = tuple(v[..., None] for v in rules.project(p))
+        thr = None if threshold is None else threshold[rows, None, None]
+        stop = rules.decide(projection, looks, lower, upper, thr) > 0
+        stop[..., -1] = True
+        stop_look = np.argmax(stop, axis=2)  # (rows, nodes)
+        w = np.zeros((len(rows), n_looks))
+        for offset, k in zip(offsets, kernel):
+            np.add.at(w, (np.repeat(np.arange(len(rows)), len(nodes)),
+                          np.clip(stop_look + offset, 0, n_looks - 1).ravel()),
+                      np.tile(node_w * k, len(rows)))
+        weights.append((1.0 - floor) * w / w.sum(axis=1, keepdims=True) + floor / n_looks)
+    weights = np.concatenate(weights)
+    return weights / (weights.sum(axis=1, keepdims=True) * (1.0 + 1e-9))  # sum < 1 despite rounding
+
+
+def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", prior_ab=None,
+                   target_radii=None, max_radius=None, radius_tol=None, max_samples=100_000,
+                   budget=None, first_check=32, growth=1.1, progress=False):
+    """Anytime-valid sequential certification of many inputs at once (pure numpy core).
+
+    Parameters
+    ----------
+    count_hits : callable ``(indices (k,), chunks (k,)) -> hits (k,)``
+        Draws ``chunks[j]`` fresh noisy samples of input ``indices[j]`` and returns how many the
+        base classifier assigns to that input's selected class. Draws must be independent of
+        everything that chose the class and the prior.
+    prior_z : (mu_z (N,), var_z (N,))
+        Probit-scale prior predictive of each p_A (fixed before counting).
+    alpha, sigma : float
+        Error probability of each certificate; noise level.
+    sequence : {"spending", "mixture"}
+        CS construction (module docstring). ``prior_ab``: Beta(a, b) arrays for the mixture,
+        default ``stats.beta_from_probit(*prior_z)``.
+    target_radii : None, float or array_like (N,)
+        Target mode if given, else radius mode (``StoppingRules``).
+    max_radius, radius_tol, max_samples :
+        Radius cap, convergence tolerance (default ``0.04 * sigma``), counted draws per input.
+    budget : int or None
+        Total counted draws over all inputs (triage): each round, open inputs get their next
+        chunk cheapest-to-decide first; those left open when it runs out end ``undecided``.
+    first_check, growth :
+        Look schedule (``look_schedule``).
+
+    Returns
+    -------
+    dict of arrays (N,): ``hits``, ``trials``, ``p_lower``, ``p_upper``, ``reason`` (str).
+    """
+    mu_z, var_z = (np.asarray(v, dtype=np.float64) for v in prior_z)
+    n_inputs = len(mu_z)
+    rules = StoppingRules(alpha, sigma, max_radius, radius_tol, max_samples)
+    threshold = None
+    if target_radii is not None:
+        target = np.broadcast_to(np.asarray(target_radii, dtype=np.float64), (n_inputs,))
+        if np.any(~np.isfinite(target) | (target < 0)):
+            raise DataError("target_radii must be finite and >= 0")
+        threshold = ndtr(target / sigma)
+    looks = look_schedule(first_check, growth, max_samples)
+    if sequence == "spending":
+        weights = plan_alpha_weights(mu_z, var_z, looks, rules, threshold)
+    elif sequence == "mixture":
+        a, b = prior_ab if prior_ab is not None else stats.beta_from_probit(mu_z, var_z)
+        a, b = np.broadcast_to(a, (n_inputs,)), np.broadcast_to(b, (n_inputs,))
+    else:
+        raise DataError(f"sequence must be 'spending' or 'mixture', got {sequence!r}")
+    hits, trials = np.zeros(n_inputs), np.zeros(n_inputs)
+    lcb, ucb = np.zeros(n_inputs), np.ones(n_inputs)
+    code, look = np.zeros(n_inputs, dtype=int), np.full(n_inputs, -1)
+    budget_left = np.inf if budget is None else float(budget)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=n_inputs, disable=not progress, desc="certified", unit="input") as bar:
+        while (open_ := np.flatnonzero(code == 0)).size:
+            chunk = looks[look[open_] + 1] - trials[open_]
+            if budget is not None:  # triage: cheapest decisions first, as far as the budget goes
+                order = np.argsort(_remaining_cost(hits[open_], trials[open_], rules, threshold,
+                                                   open_), kind="stable")
+                keep = np.cumsum(chunk[order]) <= budget_left
+                if not keep.any():
+                    code[open_] = _UNDECIDED
+                    break
+                open_, chunk = open_[order][keep], chunk[order][keep]
+                budget_left -= chunk.sum()
+            hits[open_] += np.asarray(count_hits(open_, chunk.astype(np.int64)), dtype=np.float64)
+            look[open_] += 1
+            trials[open_] = looks[look[open_]]
+            if sequence == "spending":
+                level = alpha * weights[open_, look[open_]]
+                lo = stats.clopper_pearson_lower(hits[open_], trials[open_], level)
+                hi = stats.clopper_pearson_upper(hits[open_], trials[open_], level)
+            else:
+                lo, hi = stats.betabinomial_cs(hits[open_], trials[open_], alpha, a[open_], b[open_])
+            lcb[open_] = np.maximum(lcb[open_], lo)  # running max/min: the CS covers every look
+            ucb[open_] = np.minimum(ucb[open_], hi)
+            code[open_] = rules.decide(rules.project(hits[open_] / trials[open_]), trials[open_],
+                                       lcb[open_], ucb[open_],
+                                       None if threshold is None else threshold[open_])
+            bar.update(int(np.count_nonzero(code[open_])))
+    return {"hits": hits, "trials": trials, "p_lower": lcb, "p_upper": ucb,
+            "reason": np.asarray(STOP_REASONS, dtype=object)[code]}
+
+
+def _remaining_cost(hits, trials, rules, threshold, idx):
+    """Rough draws still needed to decide (triage order only): c^2 p(1-p) / gap^2 - t."""
+    p_hat = (hits + 0.5) / (trials + 1.0)
+    if threshold is not None:
+        goal = threshold[idx]
+    else:
+        ref_radius, reachable = rules.project(p_hat)
+        goal = np.where(reachable, rules.cap_p,
+                        ndtr(np.maximum(ref_radius - rules.tol, 0.0) / rules.sigma))
+    c2 = 2.0 * np.log(1.0 / rules.alpha) + 4.0
+    return c2 * p_hat * (1.0 - p_hat) / np.maximum((p_hat - goal) ** 2, 1e-24) - trials
+
+
+# -- priors -------------------------------------------------------------------------------------
+# A prior sees only the pilot (own stream, never counted) and predicts p_A on the probit scale;
+# validity cannot depend on it (module docstring, fact 3).
+
+
+class PilotDraws:
+    """What the pilot saw, from scores (N, m, K) of m pilot draws per input.
+
+    Attributes: ``votes`` (N, K) argmax counts; ``classes`` (N,) selected c_A (most votes, ties
+    to the larger mean score); ``margins`` (N, m) float64, score of c_A minus the best other.
+    """
+
+    def __init__(self, scores):
+        scores = np.asarray(scores, dtype=np.float64)
+        top = scores.argmax(axis=2)
+        self.votes = (top[..., None] == np.arange(scores.shape[2])).sum(axis=1)
+        mean = scores.mean(axis=1)
+        tie_break = (mean - mean.min(axis=1, keepdims=True)) / (np.ptp(mean, axis=1, keepdims=True) + 1.0)
+        self.classes = np.argmax(self.votes + tie_break, axis=1)  # tie_break < 1 vote
+        own = np.take_along_axis(scores, self.classes[:, None, None], axis=2)[..., 0]
+        np.put_along_axis(scores, self.classes[:, None, None], -np.inf, axis=2)
+        self.margins = own - scores.max(axis=2)
+
+
+class Prior:
+    """Interface: ``predictive(pilot) -> (mu_z, var_z)``, the probit-scale prediction of p_A."""
+
+    max_concentration = 2000.0
+
+    def beta_params(self, pilot):
+        """Beta(a, b) mixing prior for ``sequence="mixture"`` with the predictive's moments."""
+        return stats.beta_from_probit(*self.predictive(pilot), self.max_concentration)
+
+
+class UniformPrior(Prior):
+    """Uninformative: p_A ~ Uniform(0, 1), i.e. probit N(0, 1) and Beta(1, 1)."""
+
+    def predictive(self, pilot):
+        n = len(pilot.classes)
+        return np.zeros(n), np.ones(n)
+
+    def beta_params(self, pilot):
+        n = len(pilot.classes)
+        return np.ones(n), np.ones(n)
+
+
+def pilot_probit(pilot):
+    """Probit estimate of p_A from pilot margins, z = mean / std, and its sampling variance.
+
+    For a linear head the margin of x + noise is Gaussian, so Phi(z) estimates p_A without the
+    coarseness of counting hits; for a Gaussian-mixture head the margin is close to Gaussian.
+    """
+    m = pilot.margins.shape[1]
+    mean = pilot.margins.mean(axis=1)
+    std = pilot.margins.std(axis=1, ddof=1) if m > 1 else np.zeros_like(mean)
+    z = np.clip(mean / np.maximum(std, 1e-12 * np.abs(mean) + 1e-300), -8.0, 8.0)
+    return z, (1.0 + z**2 / 2.0) / max(m - 1, 1)
+
+
+class HeadPrior(Prior):
+    """The head's own prediction (BRIEF §7): probit of the pilot margins, with its sampling
+    variance plus ``misspecification`` (probit-scale variance for non-Gaussian margins)."""
+
+    def __init__(self, misspecification=0.1):
+        self.misspecification = misspecification
+
+    def predictive(self, pilot):
+        z, var = pilot_probit(pilot)
+        return z, var + self.misspecification
+
+
+class MetaPrior(Prior):
+    """A small regressor from pilot features to Phi^-1(p_A), trained on a calibration split
+    disjoint from the inputs later certified; its cross-validated residual variance is the
+    prior's spread. Default regressor: ``GradientBoostingRegressor(max_depth=2)``."""
+
+    def __init__(self, regressor=None):
+        self.regressor = regressor
+
+    @staticmethod
+    def features(pilot):
+        """(N, 4): probit estimate, hit rate, scale-free mean and log-std of the margins."""
+        z, _ = pilot_probit(pilot)
+        scale = np.abs(pilot.margins).mean(axis=1) + 1e-12
+        return np.column_stack([z, (pilot.margins > 0).mean(axis=1), pilot.margins.mean(axis=1) / scale,
+                                np.log(pilot.margins.std(axis=1) / scale + 1e-12)])
+
+    def fit(self, features, z_target):
+        """Fit on features (n, 4) and probit targets Phi^-1(p_A) (n,); returns self."""
+        from sklearn.base import clone
+        from sklearn.ensemble import GradientBoostingRegressor
+        from sklearn.model_selection import cross_val_predict
+
+        features, z_target = np.asarray(features, np.float64), np.asarray(z_target, np.float64)
+        if features.ndim != 2 or len(features) != len(z_target) or len(z_target) < 10:
+            raise DataError("MetaPrior.fit needs >= 10 rows: features (n, 4) and targets (n,)")
+        base = self.regressor or GradientBoostingRegressor(max_depth=2, random_state=0)
+        held_out = cross_val_predict(clone(base), features, z_target, cv=5)
+        self.residual_var_ = float(np.mean((held_out - z_target) ** 2))
+        self.regressor_ = clone(base).fit(features, z_target)
+        return self
+
+    def calibrate(self, smoother, X_cal, n_samples=2000, n_pilot=32):
+        """Fit from calibration inputs: their pilot features and p_A counted from n_samples draws."""
+        X_cal = smoother._as_batch(X_cal)
+        pilot = smoother.pilot(X_cal, n_pilot)
+        hits = smoother._count_hits(X_cal, pilot.classes, np.full(len(X_cal), n_samples))
+        return self.fit(self.features(pilot), ndtri((hits + 0.5) / (n_samples + 1.0)))
+
+    def predictive(self, pilot):
+        if not hasattr(self, "regressor_"):
+            raise DataError("MetaPrior is not fitted: call fit or calibrate first")
+        z = self.regressor_.predict(self.features(pilot))
+        return z, np.full_like(z, self.residual_var_)
+
+
+# -- the smoother -------------------------------------------------------------------------------
+
+
+class Smoother:
+    """Randomized smoothing of a torch classifier under isotropic Gaussian noise.
+
+    Parameters
+    ----------
+    base : torch.nn.Module or callable
+        Maps a batch (B, ...) of inputs to scores (B, num_classes); argmax is the class.
+    num_classes : int
+        Number of classes K.
+    sigma : float
+        Noise standard deviation, in the units of the inputs (pixels in [0, 1]).
+    batch_size : int
+        Noisy samples per forward pass.
+    device : str, torch.device or None
+        Where noise is drawn and the base runs; default: the base's parameters' device, else CPU.
+    seed : int
+        Seeds two independent generator streams: pilot/selection draws and counted draws.
+    """
+
+    def __init__(self, base, num_classes, sigma, batch_size=1000, device=None, seed=0):
+        if not (np.isfinite(sigma) and sigma > 0):
+            raise DataError(f"sigma must be a positive number, got {sigma}")
+        if int(num_classes) < 2:
+            raise DataError(f"num_classes must be >= 2, got {num_classes}")
+        self.base, self.num_classes = base, int(num_classes)
+        self.sigma, self.batch_size = float(sigma), _positive_int(batch_size, "batch_size")
+        tensors = list(base.parameters()) + list(base.buffers()) if hasattr(base, "parameters") else []
+        floating = [t for t in tensors if t.is_floating_point()]
+        self.device = torch.device(device if device is not None else
+                                   floating[0].device if floating else "cpu")
+        self.dtype = floating[0].dtype if floating else torch.float32
+        self.reseed(seed)
+
+    def reseed(self, seed):
+        """Restart both generator streams from ``seed`` (independent streams via SeedSequence)."""
+        pilot_seed, count_seed = np.random.SeedSequence(seed).generate_state(2, dtype=np.uint64)
+        self._pilot_gen = torch.Generator(device=self.device).manual_seed(int(pilot_seed))
+        self._count_gen = torch.Generator(device=self.device).manual_seed(int(count_seed))
+
+    # -- Cohen et al. --------------------------------------------------------------------------
+
+    def predict(self, x, n, alpha, batch_size=None):
+        """Cohen's PREDICT: n draws; abstain unless the top-two binomial test has p <= alpha."""
+        start, x = time.perf_counter(), self._as_batch(x, single=True)[0]
+        counts = self._class_counts(x, _positive_int(n, "n"), self._count_gen, batch_size)
+        top, second = np.argsort(counts, kind="stable")[::-1][:2]
+        p_value = stats.binomial_test_pvalue(counts[top], counts[top] + counts[second], 0.5)
+        prediction = int(top) if p_value <= _alpha(alpha) else ABSTAIN
+        return Certificate(prediction, 0.0, "probabilistic", "smoothing", samples=int(n),
+                           stop_reason="fixed_n", time=time.perf_counter() - start,
+                           extra={"p_value": p_value})
+
+    def certify(self, x, n0, n, alpha, batch_size=None):
+        """Cohen's CERTIFY: n0 selection draws pick c_A, n fresh draws bound p_A from below."""
+        start, x = time.perf_counter(), self._as_batch(x, single=True)[0]
+        n0, n, alpha = _positive_int(n0, "n0"), _positive_int(n, "n"), _alpha(alpha)
+        c_a = int(np.argmax(self._class_counts(x, n0, self._pilot_gen, batch_size)))
+        n_a = int(self._class_counts(x, n, self._count_gen, batch_size)[c_a])
+        p_lower = float(stats.clopper_pearson_lower(n_a, n, alpha))
+        prediction, radius = (ABSTAIN, 0.0) if p_lower < 0.5 else (c_a, self.sigma * ndtri(p_lower))
+        return Certificate(prediction, float(radius), "probabilistic", "smoothing",
+                           samples=n0 + n, stop_reason="fixed_n",
+                           time=time.perf_counter() - start, extra={"p_lower": p_lower, "n_a": n_a})
+
+    # -- sequential ----------------------------------------------------------------------------
+
+    def certify_sequential(self, x, alpha=0.001, target_radius=None, max_radius=None,
+                           max_samples=100_000, radius_tol=None, prior=None, n_pilot=32,
+                           sequence="spending", first_check=32, growth=1.1):
+        """Anytime-valid certification of one input (``certify_batch`` with one row, no budget)."""
+        return self.certify_batch(self._as_batch(x, single=True), alpha, target_radius, None,
+                                  max_radius, max_samples, radius_tol, prior, n_pilot, sequence,
+                                  first_check, growth)[0]
+
+    def certify_batch(self, X, alpha=0.001, target_radii=None, budget=None, max_radius=None,
+                      max_samples=100_000, radius_tol=None, prior=None, n_pilot=32,
+                      sequence="spending", first_check=32, growth=1.1, progress=False):
+        """Certify inputs X (N, ...) with confidence sequences, optionally under one budget.
+
+        Each input first gets ``n_pilot`` pilot draws (class selection and ``prior``, default
+        ``UniformPrior()``; they count in ``samples`` but never in the CS). Counting then follows
+        ``run_sequential``: radius mode (``target_radii=None``, radii capped at ``max_radius``)
+        or target mode. With a ``budget`` (all model evaluations, pilots included) open inputs
+        are served cheapest-to-decide first and those left open end ``undecided``; their radii
+        are still valid, only smaller than they could have been.
+
+        Returns
+        -------
+        list of Certificate; ``time`` is the batch's wall time shared evenly; ``extra`` holds
+        ``p_lower``, ``p_upper``, ``counted``, ``prior_z`` (mean, var).
+        """
+        start, X = time.perf_counter(), self._as_batch(X)
+        alpha, n_pilot = _alpha(alpha), _positive_int(n_pilot, "n_pilot")
+        prior = UniformPrior() if prior is None else prior
+        pilot = self.pilot(X, n_pilot)
+        prior_z = prior.predictive(pilot)
+        counted_budget = None if budget is None else budget - n_pilot * len(X)
+        if counted_budget is not None and counted_budget < 0:
+            raise DataError(f"budget {budget} does not cover the pilots ({n_pilot} x {len(X)})")
+        result = run_sequential(
+            lambda idx, chunk: self._count_hits(X[idx], pilot.classes[idx], chunk), prior_z,
+            alpha, self.sigma, sequence=sequence,
+            prior_ab=prior.beta_params(pilot) if sequence == "mixture" else None,
+            target_radii=target_radii, max_radius=max_radius, radius_tol=radius_tol,
+            max_samples=_positive_int(max_samples, "max_samples"), budget=counted_budget,
+            first_check=first_check, growth=growth, progress=progress)
+        cap = np.inf if max_radius is None else float(max_radius)
+        elapsed = (time.perf_counter() - start) / len(X)
+        certificates = []
+        for i, p_lower in enumerate(result["p_lower"]):
+            certified = p_lower > 0.5
+            radius = min(self.sigma * ndtri(p_lower), cap) if certified else 0.0
+            if certified and p_lower >= ndtr(cap / self.sigma):
+                radius = cap  # exactly, so that "radius >= max_radius" survives rounding
+            certificates.append(Certificate(
+                int(pilot.classes[i]) if certified else ABSTAIN, float(radius), "probabilistic",
+                "smoothing", samples=int(n_pilot + result["trials"][i]),
+                stop_reason=result["reason"][i], time=elapsed,
+                extra={"p_lower": float(p_lower), "p_upper": float(result["p_upper"][i]),
+                       "counted": int(result["trials"][i]),
+                       "prior_z": (float(prior_z[0][i]), float(prior_z[1][i]))}))
+        return certificates
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    def pilot(self, X, n_pilot):
+        """``PilotDraws`` of ``n_pilot`` draws per input from the pilot stream (never counted)."""
+        X = self._as_batch(X)
+        owner = torch.arange(len(X), device=self.device).repeat_interleave(n_pilot)
+        scores = torch.cat([self._scores(X[j] + self._noise(len(j), X.shape[1:], self._pilot_gen))
+                            for j in owner.split(self.batch_size)])
+        return PilotDraws(scores.reshape(len(X), n_pilot, self.num_classes).double().cpu().numpy())
+
+    def _count_hits(self, X, classes, chunks):
+        """Hits of ``classes[i]`` among ``chunks[i]`` fresh draws around ``X[i]`` (counted stream)."""
+        owner = torch.arange(len(X), device=self.device).repeat_interleave(
+            torch.as_tensor(np.asarray(chunks, dtype=np.int64), device=self.device))
+        classes = torch.as_tensor(np.asarray(classes), device=self.device)
+        hits = torch.zeros(len(X), dtype=torch.long, device=self.device)
+        for j in owner.split(self.batch_size):
+            predicted = self._scores(X[j] + self._noise(len(j), X.shape[1:], self._count_gen)).argmax(1)
+            hits += torch.bincount(j[predicted == classes[j]], minlength=len(X))
+        return hits.cpu().numpy()
+
+    def _class_counts(self, x, n, generator, batch_size=None):
+        """Cohen's sample_noise: argmax counts (K,) over n draws around one input."""
+        batch_size = self.batch_size if batch_size is None else _positive_int(batch_size, "batch_size")
+        counts = torch.zeros(self.num_classes, dtype=torch.long, device=self.device)
+        for size in [batch_size] * (n // batch_size) + [n % batch_size]:
+            if size:
+                predicted = self._scores(x + self._noise(size, x.shape, generator)).argmax(1)
+                counts += torch.bincount(predicted, minlength=self.num_classes)
+        return counts.cpu().numpy()
+
+    def _noise(self, n, shape, generator):
+        return self.sigma * torch.randn((n, *shape), generator=generator, device=self.device,
+                                        dtype=self.dtype)
+
+    @torch.no_grad()
+    def _scores(self, batch):
+        scores = self.base(batch)
+        if scores.ndim != 2 or scores.shape[1] != self.num_classes:
+            raise DataError(f"base returned shape {tuple(scores.shape)}, expected "
+                            f"(batch, {self.num_classes})")
+        return scores
+
+    def _as_batch(self, X, single=False):
+        """Inputs as a tensor on the device; ``single``: one input without a batch axis."""
+        X = torch.as_tensor(X, device=self.device)
+        X = (X[None] if single else X).to(self.dtype)
+        if X.ndim < 2 or len(X) == 0:
+            raise DataError(f"expected a batch of inputs (N, ...), got shape {tuple(X.shape)}")
+        if not torch.isfinite(X).all():
+            raise DataError("inputs contain NaN or inf")
+        return X
+
+
+def _alpha(alpha):
+    if not 0.0 < float(alpha) < 1.0:
+        raise DataError(f"alpha must lie in (0, 1), got {alpha}")
+    return float(alpha)
+
+
+def _positive_int(value, name):
+    if int(value) != value or value < 1:
+        raise DataError(f"{name} must be a positive integer, got {value}")
+    return int(value)
