@@ -79,41 +79,37 @@ def closed_form_radius(m, a_norm2, lam):
 
 
 def solve_dual(m, b2, lam, tau0=None, cutoff2=None):
-    """Maximise the S-lemma dual ``phi(mu) = mu m - mu^2 sum_i b2_i / (1 + mu lam_i)``.
+    """Maximise the S-lemma dual ``phi(mu) = mu m - mu^2 sum_i b2_i / (1 + mu lam_i)``, per row.
 
-    Vectorised over problems (rows). ``phi`` is concave on ``[0, 1/max(0, -min lam))``; by weak
-    duality every feasible mu gives ``phi(mu) <= r^2``, so the value returned is phi at the best
-    iterate, evaluated with rounding taken against us; the solver only affects tightness.
-
-    The iteration runs in ``tau = 1/mu`` on ``h(tau) = (m - w)/v - tau`` with
-    ``w = sum b2/(tau+lam)``, ``v = sum b2/(tau+lam)^2``: ``h`` has the sign of ``phi'`` but
-    no pole at ``tau = -lambda_min`` (the trick of trust-region solvers), so Newton converges in
-    a few steps. Safeguards: a bracket on tau and bisection when Newton leaves it. A problem
-    stops when its proven duality gap (concavity: ``sup phi <= phi(mu) + |phi'(mu)|`` times the
-    bracket width in mu) is below ``DUAL_TOL``, or once ``phi >= cutoff2`` (it cannot matter).
-    In these variables ``phi = (m - w)/tau`` and ``phi' = m - w - tau v``.
+    ``phi`` is concave on ``[0, 1/max(0, -min lam))`` and, by weak duality, every feasible mu gives
+    ``phi(mu) <= r^2``: the value returned is phi at the best iterate, evaluated with rounding
+    against us, so the solver only affects tightness. In ``tau = 1/mu``, with
+    ``w = sum b2/(tau+lam)`` and ``v = sum b2/(tau+lam)^2``: ``phi = (m - w)/tau`` and
+    ``phi' = m - w - tau v``. Newton runs on ``h = (m - w)/v - tau`` (sign of ``phi'``, but no
+    pole at ``tau = -lambda_min``: the trust-region trick), steps towards that edge taken in
+    ``log(tau - edge)``, inside a bracket with bisection as fallback. A row stops when its
+    proven gap (concavity: ``sup phi <= phi + |phi'|`` times the bracket width in mu) is below
+    ``DUAL_TOL`` relative, or once ``phi >= cutoff2``.
 
     Parameters
     ----------
     m : ndarray (P,)
         Positive (shaved) margins.
-    b2 : ndarray (P, d)
-        Squared coordinates of ``a`` in W's eigenbasis.
-    lam : ndarray (P, d)
-        Eigenvalues of W, already shifted down by their error bound.
+    b2, lam : ndarray (P, d)
+        Squared coordinates of ``a`` in W's eigenbasis; W's eigenvalues, shifted down by their
+        error bound.
     tau0 : ndarray (P,), optional
-        Starting points in ``tau = 1/mu``; default: the optimum of the model in which every
-        eigenvalue equals their ``b2``-weighted mean (``a^T W a / ||a||^2``).
+        Starting ``1/mu``; default: the optimum when every eigenvalue is replaced by their
+        ``b2``-weighted mean ``a^T W a / ||a||^2``.
     cutoff2 : ndarray (P,), optional
-        Stop a problem once ``phi`` exceeds this (its radius is no longer the smallest).
+        Rows whose phi exceeds this stop early and report it (their radius is not the minimum).
 
     Returns
     -------
     tau : ndarray (P,)
         Final ``1/mu`` (0 where the pair is proven never to flip).
     r2 : ndarray (P,)
-        Certified lower bound on the squared radius (inf where proven unbounded; ``cutoff2``
-        where the cutoff stopped the row).
+        Lower bound on the squared radius: inf where proven unbounded, ``cutoff2`` where cut off.
     """
     P = len(m)
     lmin = lam.min(axis=1)
@@ -312,10 +308,11 @@ class MixtureGeometry:
 
     def precompute_pairs(self):
         """Eigen-decompose ``W`` for every ordered pair of components of different classes."""
-        for j in range(len(self.means)):
-            for l in np.flatnonzero(self.component_class != self.component_class[j]):
-                self.pair_eig(j, l)
-            self.lambda_min_rows(np.array([j]))
+        with _single_threaded_blas():
+            for j in range(len(self.means)):
+                for l in np.flatnonzero(self.component_class != self.component_class[j]):
+                    self.pair_eig(j, l)
+                self.lambda_min_rows(np.array([j]))
 
     def pair_eig(self, j, l):
         """Eigen-decomposition of ``W = P_l - P_j``, eigenvalues shifted down (cached)."""

@@ -220,6 +220,10 @@ def cmd_fit(args) -> int:
         print(f"held-out accuracy: {summary['clean_accuracy']:.4f} ({len(test)} inputs)")
         print(f"input Lipschitz constant: {L:.4g} ({kind})")
         print(_accuracy_table(args.radii, latent_summary["certified_accuracy"], summary["certified_accuracy"], kind))
+        if kind == "bound":
+            print("input radii of kind 'bound' are sound but vacuous for a deep encoder (a product of layer norms);\n"
+                  "for usable input-space certificates run `gmcert certify --fallback smoothing`, or "
+                  "`--lipschitz estimate` for labelled, unsound estimates")
     return 0
 
 
@@ -256,13 +260,11 @@ def cmd_certify(args) -> int:
     todo = np.array([i for i, idx in enumerate(index) if idx not in writer.done], dtype=np.int64)
     if len(todo) < len(index):
         print(f"resuming: {len(index) - len(todo)} of {len(index)} inputs already in {writer.partial}", file=sys.stderr)
-    chunk = 256 if args.fallback == "none" else 1
-    with tqdm(total=len(todo), desc="certify", unit="input", disable=len(todo) < 2 * chunk) as bar:
-        for start in range(0, len(todo), chunk):
-            part = inputs.subset(todo[start:start + chunk])
-            for i, label, cert in zip(index[todo[start:start + chunk]], part.labels, _certify(args, pipeline, part)):
-                writer.write(certificate_row(i, label, cert))
-            bar.update(len(part.labels))
+    part = inputs.subset(todo)
+    with tqdm(total=len(todo), desc="certify", unit="input", disable=len(todo) < 2) as bar:
+        for i, label, cert in zip(index[todo], part.labels, _certify(args, pipeline, part, index[todo])):
+            writer.write(certificate_row(i, label, cert))
+            bar.update(1)
     rows = writer.close()
     summary = summarize(rows, args.radii)
     summary["latent_certified_accuracy"] = summarize(
@@ -283,14 +285,15 @@ def cmd_certify(args) -> int:
     return 0
 
 
-def _certify(args, pipeline, inputs):
+def _certify(args, pipeline, inputs, seeds):
+    """Certificates in input order; smoothing ones arrive one by one, so rows are written as they come."""
     if args.fallback == "none":
         return pipeline.certify(inputs.x, method=args.method, lipschitz=args.lipschitz,
                                 dataset_identity=inputs.identity)
-    from gmcert.hybrid import certify_hybrid
+    from gmcert.hybrid import iter_certify_hybrid
 
-    return certify_hybrid(pipeline, inputs.x, args.policy, method=args.method, lipschitz=args.lipschitz,
-                          dataset_identity=inputs.identity)
+    return iter_certify_hybrid(pipeline, inputs.x, args.policy, method=args.method, lipschitz=args.lipschitz,
+                               dataset_identity=inputs.identity, seeds=seeds)
 
 
 def _fallback_policy(args):

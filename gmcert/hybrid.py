@@ -88,31 +88,36 @@ def load_kl_per_class(model_dir) -> dict | None:
 
 
 def certify_hybrid(pipeline, X, policy: FallbackPolicy, method: str = "exact", lipschitz: str = "auto",
-                   dataset_identity=None, smoother=None):
-    """Certificates for ``X``: closed form where the policy allows, sequential smoothing elsewhere.
+                   dataset_identity=None, seeds=None):
+    """Certificates for ``X``: closed form where the policy allows, sequential smoothing elsewhere."""
+    return list(iter_certify_hybrid(pipeline, X, policy, method, lipschitz, dataset_identity, seeds))
 
-    ``smoother`` may be passed to reuse one across calls (its generator then continues).
+
+def iter_certify_hybrid(pipeline, X, policy: FallbackPolicy, method: str = "exact", lipschitz: str = "auto",
+                        dataset_identity=None, seeds=None):
+    """Yield one Certificate per input of ``X``, in order, as each is settled.
+
+    The closed form runs on all of ``X`` at once (one encoder pass); smoothing then runs input by
+    input, its generator reseeded from ``seeds[i]`` (default ``policy.seed + i``), so a resumed run
+    reproduces the rows of an uninterrupted one.
     """
-    certs = pipeline.certify(X, method=method, lipschitz=lipschitz, dataset_identity=dataset_identity)
-    fallback = [i for i, cert in enumerate(certs) if policy.needs_smoothing(cert)]
-    if not fallback:
-        return certs
     import torch
 
-    if smoother is None:
-        smoother = make_smoother(pipeline, policy)
+    certs = pipeline.certify(X, method=method, lipschitz=lipschitz, dataset_identity=dataset_identity)
     classes = np.asarray(pipeline.head.classes_)
-    images = torch.as_tensor(np.asarray(X), dtype=torch.float32)
-    for i in fallback:
-        start = time.perf_counter()
-        result = smoother.certify_sequential(images[i], alpha=policy.alpha, target_radius=policy.target_radius,
-                                             max_radius=None if policy.target_radius else 4 * policy.sigma,
-                                             max_samples=policy.max_samples)
-        result.prediction = int(classes[result.prediction]) if result.prediction != ABSTAIN else ABSTAIN
-        result.time = time.perf_counter() - start
-        result.latent_radius = math.nan
-        certs[i] = result
-    return certs
+    smoother = None
+    for i, cert in enumerate(certs):
+        if policy.needs_smoothing(cert):
+            smoother = smoother or make_smoother(pipeline, policy)
+            smoother.reseed(policy.seed + int(seeds[i] if seeds is not None else i))
+            start = time.perf_counter()
+            cert = smoother.certify_sequential(
+                torch.as_tensor(np.asarray(X[i]), dtype=torch.float32), alpha=policy.alpha,
+                target_radius=policy.target_radius, max_samples=policy.max_samples,
+                max_radius=None if policy.target_radius else 4 * policy.sigma)
+            cert.prediction = int(classes[cert.prediction]) if cert.prediction != ABSTAIN else ABSTAIN
+            cert.time = time.perf_counter() - start
+        yield cert
 
 
 def make_smoother(pipeline, policy: FallbackPolicy):

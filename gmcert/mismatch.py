@@ -343,7 +343,7 @@ def _joint_kl(kl_per_class, proportions, priors):
     return float(np.sum(proportions[present] * kl_per_class[present])) + label_kl, label_kl
 
 
-def mismatch_report(model, Z, y, k: int = 5, n_bootstrap: int = 1000, n_q_samples: int = 20000,
+def mismatch_report(model, Z, y, k: int = 10, n_bootstrap: int = 1000, n_q_samples: int = 20000,
                     alpha: float = 0.05, bias_correction: str = "mixture_reference",
                     random_state=None, progress: bool = False) -> MismatchReport:
     """Estimate eps = KL(P || Q), run Mardia's tests and compute the certified-accuracy bound.
@@ -354,11 +354,15 @@ def mismatch_report(model, Z, y, k: int = 5, n_bootstrap: int = 1000, n_q_sample
         Needs ``classes_``, ``priors_``, ``n_features_in_``, ``class_log_likelihood``,
         ``certify(Z, method="exact")`` and ``sample(n, random_state)``.
     Z : array-like of shape (n, d)
-        Latents (finite). Held-out latents give a fairer eps than the training set.
+        Latents (finite). Prefer held-out latents: on the training set the mean of
+        log N_k is optimistic by about (number of parameters per class) / n_k nats, so eps comes
+        out low by that much (0.01 for d = 4, n_k = 2000 with full covariances).
     y : array-like of shape (n,)
         Their labels, values of ``model.classes_``; every class needs more than max(k, d) points.
-    k : int, default 5
-        Neighbour order of the Kozachenko–Leonenko estimator.
+    k : int, default 10
+        Neighbour order of the Kozachenko–Leonenko estimator. Larger k lowers the variance and
+        raises the bias, which the reference correction then removes; 10 gave the smallest error
+        on the test distributions (Gaussian, Student-t, two-mode mixture; d = 4 and 8).
     n_bootstrap : int, default 1000
         Bootstrap resamples of the points (whole data set, so class proportions vary too).
     n_q_samples : int, default 20000

@@ -317,11 +317,12 @@ class GaussianMixtureClassifier(ClassifierMixin, BaseEstimator):
         covs = covs + self.reg_covar * np.eye(d)
         precisions, log_dets = np.empty_like(covs), np.empty(len(covs))
         for m, cov in enumerate(covs):
-            try:
-                chol = np.linalg.cholesky(cov)
-            except np.linalg.LinAlgError:
-                raise DataError(f"the covariance of class {owners[m]!r} is singular; increase "
-                                "reg_covar or set shrinkage") from None
+            ev = np.linalg.eigvalsh(cov)
+            if not ev[0] > 1e-12 * ev[-1]:  # beyond what float64 scores can resolve
+                owner = "tied" if self.covariance_type == "tied" else f"class {owners[m]!r}"
+                raise DataError(f"the {owner} covariance is singular (eigenvalues {ev[0]:.3g} .. "
+                                f"{ev[-1]:.3g}); increase reg_covar or set shrinkage")
+            chol = np.linalg.cholesky(cov)
             inv_chol = np.linalg.inv(chol)
             precisions[m] = inv_chol.T @ inv_chol
             log_dets[m] = 2 * np.log(np.diagonal(chol)).sum()

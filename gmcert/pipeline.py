@@ -180,7 +180,10 @@ class Pipeline:
             import torch
 
             images = torch.as_tensor(np.asarray(X), dtype=torch.float32)
-            L = np.array([self._estimate_lipschitz(images[i:i + 1]) for i in range(len(images))])
+            from tqdm import tqdm
+
+            L = np.array([self._estimate_lipschitz(images[i:i + 1])
+                          for i in tqdm(range(len(images)), desc="CLEVER estimate", unit="input")])
             kind = "estimate"
         else:
             L, kind = self.input_lipschitz(lipschitz)

@@ -206,7 +206,7 @@ def test_tied_radius_is_the_hyperplane_distance():
     np.testing.assert_array_equal(exact, closed)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(st.integers(1, 6), st.integers(0, 2 ** 32 - 1))
 def test_dual_solver_reaches_the_supremum_and_never_exceeds_it(d, seed):
     rng = np.random.default_rng(seed)
