@@ -98,10 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--sigma", type=float, default=0.25)
     comp.add_argument("--alpha", type=float, default=0.001)
     comp.add_argument("--radii", type=_radii, default=None, help="radius grid (default 0..2 sigma)")
-    comp.add_argument("--cohen-n", default="1000", help="Cohen's n values, e.g. 1e3,1e4,1e5 (default 1000)")
-    comp.add_argument("--n0", type=int, default=100)
-    comp.add_argument("--max-samples", type=int, default=1000, help="sequential smoother budget per input")
-    comp.add_argument("--n-inputs", type=int, default=10, help="inputs to certify (default 10)")
+    comp.add_argument("--cohen-n", default="200",
+                      help="Cohen's n values, e.g. 1e3,1e4,1e5 (default 200: minutes on 2 CPU cores)")
+    comp.add_argument("--n0", type=int, default=32, help="Cohen's selection draws (default 32)")
+    comp.add_argument("--max-samples", type=int, default=300, help="sequential smoother budget per input (default 300)")
+    comp.add_argument("--n-inputs", type=int, default=6, help="held-out inputs to certify (default 6)")
     comp.add_argument("--estimate", action="store_true", help="also show CLEVER-estimated GM radii (not sound)")
     comp.add_argument("--seed", type=int, default=0)
     return parser

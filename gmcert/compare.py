@@ -4,7 +4,7 @@ Methods:
   ``gm-exact``, ``gm-closed``   closed-form certificates of the GM head (exact dual / per-pair bound);
                                 with ``estimate=True`` also a CLEVER-estimated curve, drawn apart.
   ``cohen``                     Cohen et al.'s CERTIFY at each of ``cohen_n`` (n0 = 100).
-  ``sequential``                gmcert's anytime-valid smoother in radius mode (max radius 2 sigma... 4 sigma).
+  ``sequential``                gmcert's anytime-valid smoother in radius mode (radii capped at 2 sigma).
 The smoothing base classifier is the same encoder + projection + head as the closed form.
 
 Each method writes ``<out>/<method>.tsv`` (Cohen's columns plus samples, radius_kind, path),
@@ -39,9 +39,9 @@ class CompareConfig:
     sigma: float = 0.25
     alpha: float = 0.001
     radii: list = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.375, 0.5])
-    cohen_n: list = field(default_factory=lambda: [1000])
-    n0: int = 100
-    max_samples: int = 1000
+    cohen_n: list = field(default_factory=lambda: [200])
+    n0: int = 32
+    max_samples: int = 300
     estimate: bool = False
     seed: int = 0
     batch_size: int = 250
@@ -64,6 +64,8 @@ class CompareConfig:
         names = []
         for method in self.methods:
             names += [f"cohen-n{int(n)}" for n in self.cohen_n] if method == "cohen" else [method]
+            if self.estimate and method.startswith("gm-"):
+                names.append(f"{method}-estimate")  # drawn as its own, dashed curve: not a certificate
         return names
 
 
@@ -83,9 +85,10 @@ def _run_method(name, pipeline, smoother, x, config):
     """One input, one method -> Certificate (prediction as a label)."""
     import torch
 
-    if name in ("gm-exact", "gm-closed"):
-        method = "exact" if name == "gm-exact" else "closed_form"
-        return pipeline.certify(x[None], method=method)[0]
+    if name.startswith("gm-"):
+        method = "exact" if name.startswith("gm-exact") else "closed_form"
+        lipschitz = "estimate" if name.endswith("-estimate") else "auto"
+        return pipeline.certify(x[None], method=method, lipschitz=lipschitz)[0]
     start = time.perf_counter()
     image = torch.as_tensor(x, dtype=torch.float32)
     if name.startswith("cohen-n"):
@@ -120,8 +123,8 @@ def run_compare(pipeline, X, labels, index, out, config: CompareConfig, progress
                                 device=pipeline.device, seed=config.seed)
             bar.set_postfix_str(name)
             for i in todo[name]:
-                if smoother is not None and hasattr(smoother, "reseed"):
-                    smoother.reseed(config.seed + int(index[i]))
+                # Per-input seeds: a resumed run draws the same noise as an uninterrupted one.
+                smoother.reseed(config.seed + int(index[i]))
                 cert = _run_method(name, pipeline, smoother, X[i], config)
                 writers[name].write(certificate_row(int(index[i]), int(labels[i]), cert))
                 bar.update(1)
