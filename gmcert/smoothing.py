@@ -42,7 +42,7 @@ from gmcert.results import ABSTAIN, Certificate
 
 #: stop_reason values; "" (index 0) marks an input still being counted.
 STOP_REASONS = ("", "target_certified", "target_out_of_reach", "max_radius", "abstain",
-                "radius_converged", "max_samples", "undecided", "fixed_n")
+                "radius_converged", "max_samples", "undecided", "fixed_n", "target_unreachable")
 _MAX_SAMPLES, _UNDECIDED = 6, 7
 
 
@@ -62,18 +62,21 @@ class StoppingRules:
     """When an input stops counting. Rules decide cost, never validity (module docstring).
 
     Target mode (threshold = Phi(target / sigma) given): ``target_certified`` once
-    LCB >= threshold, ``target_out_of_reach`` once UCB < threshold. Radius mode: ``max_radius``
-    once LCB >= Phi(max_radius / sigma); ``abstain`` once UCB < 1/2; ``radius_converged`` once
-    the radius is within ``radius_tol`` of what fixed-n CERTIFY with ``max_samples`` draws would
-    give at the current hit rate (abstaining counts as radius 0), unless that projection reaches
-    ``max_radius``. Both modes: ``max_samples``.
+    LCB >= threshold; ``target_out_of_reach`` once UCB < threshold; ``target_unreachable`` once
+    fixed-n CERTIFY with ``max_samples`` draws would not certify the target even at an
+    optimistic hit rate (estimate + 2 standard errors), so further draws would not change the
+    answer. Radius mode: ``max_radius`` once LCB >= Phi(max_radius / sigma); ``abstain`` once
+    UCB < 1/2; ``radius_converged`` once the radius is within ``radius_tol`` of what fixed-n
+    CERTIFY with ``max_samples`` draws would give at the current hit rate (abstaining counts as
+    radius 0), unless that projection reaches ``max_radius``. Both modes: ``max_samples``.
     """
 
     def __init__(self, alpha, sigma, max_radius=None, radius_tol=None, max_samples=100_000):
         self.alpha, self.sigma, self.max_samples = alpha, sigma, max_samples
         self.cap = np.inf if max_radius is None else float(max_radius)
         self.cap_p = ndtr(self.cap / sigma)
-        self.tol = 0.04 * sigma if radius_tol is None else float(radius_tol)
+        self.tol = 0.03 * sigma if radius_tol is None else float(radius_tol)
+        self._z_fixed_n = -ndtri(alpha)
 
     def project(self, p_hat):
         """(radius, reaches max_radius) of fixed-n CERTIFY with max_samples draws at rate p_hat."""
@@ -81,18 +84,24 @@ class StoppingRules:
         p_lower = stats.clopper_pearson_lower(np.round(np.asarray(p_hat) * n), n, self.alpha)
         return self.sigma * ndtri(p_lower), p_lower >= self.cap_p
 
-    def decide(self, projection, trials, lower, upper, threshold=None):
-        """Index into STOP_REASONS (0: go on), broadcast over all arguments."""
+    def decide(self, hits, trials, lower, upper, threshold=None, projection=None, limit=None):
+        """Index into STOP_REASONS (0: go on), broadcast over all arguments; ``projection``:
+        ``project(hits / trials)`` if already computed; ``limit``: counted draws allowed
+        (default ``max_samples``)."""
         if threshold is not None:
-            conditions = [lower >= threshold, upper < threshold]
-            codes = [1, 2]
+            p_hat = hits / trials
+            optimistic = np.minimum(p_hat + 2.0 * np.sqrt(p_hat * (1.0 - p_hat) / trials), 1.0)
+            fixed_n_lower, _ = stats.wilson_interval(optimistic, self.max_samples, self._z_fixed_n)
+            conditions = [lower >= threshold, upper < threshold, fixed_n_lower < threshold]
+            codes = [1, 2, 9]
         else:
-            ref_radius, reachable = projection
+            ref_radius, reachable = projection if projection is not None else self.project(hits / trials)
             now = np.maximum(self.sigma * ndtri(np.minimum(lower, self.cap_p)), 0.0)
             ref = np.maximum(np.minimum(ref_radius, self.cap), 0.0)
             conditions = [lower >= self.cap_p, upper < 0.5, ~reachable & (ref - now <= self.tol)]
             codes = [3, 4, 5]
-        return np.select(conditions + [trials >= self.max_samples], codes + [_MAX_SAMPLES], 0)
+        limit = self.max_samples if limit is None else limit
+        return np.select(conditions + [trials >= limit], codes + [_MAX_SAMPLES], 0)
 
 
 def plan_alpha_weights(mu_z, var_z, looks, rules, threshold=None, floor=0.2, spread=3.0):
@@ -115,7 +124,7 @@ def plan_alpha_weights(mu_z, var_z, looks, rules, threshold=None, floor=0.2, spr
         lower, upper = stats.wilson_interval(p[..., None], looks, z_plan)
         projection = tuple(v[..., None] for v in rules.project(p))
         thr = None if threshold is None else threshold[rows, None, None]
-        stop = rules.decide(projection, looks, lower, upper, thr) > 0
+        stop = rules.decide(p[..., None] * looks, looks, lower, upper, thr, projection, looks[-1]) > 0
         stop[..., -1] = True
         stop_look = np.argmax(stop, axis=2)  # (rows, nodes)
         w = np.zeros((len(rows), n_looks))
@@ -130,7 +139,7 @@ def plan_alpha_weights(mu_z, var_z, looks, rules, threshold=None, floor=0.2, spr
 
 def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", prior_ab=None,
                    target_radii=None, max_radius=None, radius_tol=None, max_samples=100_000,
-                   budget=None, first_check=32, growth=1.1, progress=False):
+                   counted_limit=None, budget=None, first_check=32, growth=1.1, progress=False):
     """Anytime-valid sequential certification of many inputs at once (pure numpy core).
 
     Parameters
@@ -149,7 +158,10 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
     target_radii : None, float or array_like (N,)
         Target mode if given, else radius mode (``StoppingRules``).
     max_radius, radius_tol, max_samples :
-        Radius cap, convergence tolerance (default ``0.04 * sigma``), counted draws per input.
+        Radius cap, convergence tolerance (default ``0.03 * sigma``), and the n of the fixed-n
+        certificate the rules compare with.
+    counted_limit : None, int or array_like (N,)
+        Counted draws per input at most (reason ``max_samples``); default ``max_samples``.
     budget : int or None
         Total counted draws over all inputs (triage): each round, open inputs get their next
         chunk cheapest-to-decide first; those left open when it runs out end ``undecided``.
@@ -169,7 +181,11 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
         if np.any(~np.isfinite(target) | (target < 0)):
             raise DataError("target_radii must be finite and >= 0")
         threshold = ndtr(target / sigma)
-    looks = look_schedule(first_check, growth, max_samples)
+    limit = np.broadcast_to(np.asarray(max_samples if counted_limit is None else counted_limit,
+                                       dtype=np.float64), (n_inputs,))
+    if np.any(limit < 1):
+        raise DataError("every input needs at least one counted draw (max_samples too small)")
+    looks = look_schedule(first_check, growth, int(limit.max()))
     if sequence == "spending":
         weights = plan_alpha_weights(mu_z, var_z, looks, rules, threshold)
     elif sequence == "mixture":
@@ -185,7 +201,7 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
 
     with tqdm(total=n_inputs, disable=not progress, desc="certified", unit="input") as bar:
         while (open_ := np.flatnonzero(code == 0)).size:
-            chunk = looks[look[open_] + 1] - trials[open_]
+            chunk = np.minimum(looks[look[open_] + 1], limit[open_]) - trials[open_]
             if budget is not None:  # triage: cheapest decisions first, as far as the budget goes
                 order = np.argsort(_remaining_cost(hits[open_], trials[open_], rules, threshold,
                                                    open_), kind="stable")
@@ -196,8 +212,8 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
                 open_, chunk = open_[order][keep], chunk[order][keep]
                 budget_left -= chunk.sum()
             hits[open_] += np.asarray(count_hits(open_, chunk.astype(np.int64)), dtype=np.float64)
-            look[open_] += 1
-            trials[open_] = looks[look[open_]]
+            look[open_] += 1  # the look index, not the sample size, carries the spending weight
+            trials[open_] += chunk
             if sequence == "spending":
                 level = alpha * weights[open_, look[open_]]
                 lo = stats.clopper_pearson_lower(hits[open_], trials[open_], level)
@@ -206,9 +222,9 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
                 lo, hi = stats.betabinomial_cs(hits[open_], trials[open_], alpha, a[open_], b[open_])
             lcb[open_] = np.maximum(lcb[open_], lo)  # running max/min: the CS covers every look
             ucb[open_] = np.minimum(ucb[open_], hi)
-            code[open_] = rules.decide(rules.project(hits[open_] / trials[open_]), trials[open_],
-                                       lcb[open_], ucb[open_],
-                                       None if threshold is None else threshold[open_])
+            code[open_] = rules.decide(hits[open_], trials[open_], lcb[open_], ucb[open_],
+                                       None if threshold is None else threshold[open_],
+                                       limit=limit[open_])
             bar.update(int(np.count_nonzero(code[open_])))
     return {"hits": hits, "trials": trials, "p_lower": lcb, "p_upper": ucb,
             "reason": np.asarray(STOP_REASONS, dtype=object)[code]}
@@ -240,7 +256,7 @@ class PilotDraws:
     """
 
     def __init__(self, scores):
-        scores = np.asarray(scores, dtype=np.float64)
+        scores = np.array(scores, dtype=np.float64)  # a copy: the best other score is found in place
         top = scores.argmax(axis=2)
         self.votes = (top[..., None] == np.arange(scores.shape[2])).sum(axis=1)
         mean = scores.mean(axis=1)
@@ -249,6 +265,13 @@ class PilotDraws:
         own = np.take_along_axis(scores, self.classes[:, None, None], axis=2)[..., 0]
         np.put_along_axis(scores, self.classes[:, None, None], -np.inf, axis=2)
         self.margins = own - scores.max(axis=2)
+
+
+def _subset(pilot, rows):
+    """The PilotDraws of some inputs only."""
+    part = PilotDraws.__new__(PilotDraws)
+    part.votes, part.classes, part.margins = pilot.votes[rows], pilot.classes[rows], pilot.margins[rows]
+    return part
 
 
 class Prior:
@@ -416,18 +439,21 @@ class Smoother:
                            max_samples=100_000, radius_tol=None, prior=None, n_pilot=32,
                            sequence="spending", first_check=32, growth=1.1):
         """Anytime-valid certification of one input (``certify_batch`` with one row, no budget)."""
-        return self.certify_batch(self._as_batch(x, single=True), alpha, target_radius, None,
-                                  max_radius, max_samples, radius_tol, prior, n_pilot, sequence,
-                                  first_check, growth)[0]
+        return self.certify_batch(
+            self._as_batch(x, single=True), target_radius, None, alpha, max_radius=max_radius,
+            max_samples=max_samples, radius_tol=radius_tol, prior=prior, n_pilot=n_pilot,
+            sequence=sequence, first_check=first_check, growth=growth)[0]
 
-    def certify_batch(self, X, alpha=0.001, target_radii=None, budget=None, max_radius=None,
+    def certify_batch(self, X, target_radii=None, budget=None, alpha=0.001, max_radius=None,
                       max_samples=100_000, radius_tol=None, prior=None, n_pilot=32,
                       sequence="spending", first_check=32, growth=1.1, progress=False):
         """Certify inputs X (N, ...) with confidence sequences, optionally under one budget.
 
         Each input first gets ``n_pilot`` pilot draws (class selection and ``prior``, default
-        ``UniformPrior()``; they count in ``samples`` but never in the CS). Counting then follows
-        ``run_sequential``: radius mode (``target_radii=None``, radii capped at ``max_radius``)
+        ``UniformPrior()``; they count in ``samples`` but never in the CS; see ``_select``).
+        ``max_samples`` bounds every input's model evaluations, pilot included, and is the n of
+        the fixed-n certificate that ``radius_tol`` refers to.
+        Counting then follows ``run_sequential``: radius mode (``target_radii=None``, radii capped at ``max_radius``)
         or target mode. With a ``budget`` (all model evaluations, pilots included) open inputs
         are served cheapest-to-decide first and those left open end ``undecided``; their radii
         are still valid, only smaller than they could have been.
@@ -439,18 +465,20 @@ class Smoother:
         """
         start, X = time.perf_counter(), self._as_batch(X)
         alpha, n_pilot = _alpha(alpha), _positive_int(n_pilot, "n_pilot")
-        prior = UniformPrior() if prior is None else prior
-        pilot = self.pilot(X, n_pilot)
-        prior_z = prior.predictive(pilot)
-        counted_budget = None if budget is None else budget - n_pilot * len(X)
+        if not n_pilot < max_samples:
+            raise DataError(f"max_samples ({max_samples}) must exceed n_pilot ({n_pilot})")
+        classes, prior_z, prior_ab, pilot_samples = self._select(
+            X, n_pilot, UniformPrior() if prior is None else prior, sequence == "mixture",
+            extend=16 * n_pilot <= max_samples)
+        max_samples = _positive_int(max_samples, "max_samples")
+        counted_budget = None if budget is None else budget - int(pilot_samples.sum())
         if counted_budget is not None and counted_budget < 0:
-            raise DataError(f"budget {budget} does not cover the pilots ({n_pilot} x {len(X)})")
+            raise DataError(f"budget {budget} does not cover the pilots ({int(pilot_samples.sum())})")
         result = run_sequential(
-            lambda idx, chunk: self._count_hits(X[idx], pilot.classes[idx], chunk), prior_z,
-            alpha, self.sigma, sequence=sequence,
-            prior_ab=prior.beta_params(pilot) if sequence == "mixture" else None,
-            target_radii=target_radii, max_radius=max_radius, radius_tol=radius_tol,
-            max_samples=_positive_int(max_samples, "max_samples"), budget=counted_budget,
+            lambda idx, chunk: self._count_hits(X[idx], classes[idx], chunk), prior_z,
+            alpha, self.sigma, sequence=sequence, prior_ab=prior_ab, target_radii=target_radii,
+            max_radius=max_radius, radius_tol=radius_tol,
+            max_samples=max_samples, counted_limit=max_samples - pilot_samples, budget=counted_budget,
             first_check=first_check, growth=growth, progress=progress)
         cap = np.inf if max_radius is None else float(max_radius)
         elapsed = (time.perf_counter() - start) / len(X)
@@ -461,13 +489,37 @@ class Smoother:
             if certified and p_lower >= ndtr(cap / self.sigma):
                 radius = cap  # exactly, so that "radius >= max_radius" survives rounding
             certificates.append(Certificate(
-                int(pilot.classes[i]) if certified else ABSTAIN, float(radius), "probabilistic",
-                "smoothing", samples=int(n_pilot + result["trials"][i]),
+                int(classes[i]) if certified else ABSTAIN, float(radius), "probabilistic",
+                "smoothing", samples=int(pilot_samples[i] + result["trials"][i]),
                 stop_reason=result["reason"][i], time=elapsed,
                 extra={"p_lower": float(p_lower), "p_upper": float(result["p_upper"][i]),
                        "counted": int(result["trials"][i]),
                        "prior_z": (float(prior_z[0][i]), float(prior_z[1][i]))}))
         return certificates
+
+    def _select(self, X, n_pilot, prior, want_beta, extend=True):
+        """Pilot: class selection and prior. With ``extend``, inputs whose top-two vote lead is
+        under two standard errors get a second, 4x longer pilot (still uncounted) that replaces
+        the first, so a short pilot rarely picks the wrong class.
+
+        Returns classes (N,), prior_z (mu, var), Beta (a, b) or None, pilot draws per input (N,).
+        """
+        pilot = self.pilot(X, n_pilot)
+        top_two = np.sort(pilot.votes, axis=1)[:, -2:]
+        lead = top_two[:, 1] - top_two[:, 0]
+        unclear = np.flatnonzero(extend & (lead < 2.0 * np.sqrt(top_two.sum(axis=1))))
+        pilots = [(np.setdiff1d(np.arange(len(X)), unclear), pilot, n_pilot)]
+        if unclear.size:
+            pilots = [(pilots[0][0], _subset(pilot, pilots[0][0]), n_pilot),
+                      (unclear, self.pilot(X[unclear], 4 * n_pilot), 4 * n_pilot)]
+        classes, mu, var = np.zeros(len(X), dtype=int), np.zeros(len(X)), np.zeros(len(X))
+        a, b, drawn = np.ones(len(X)), np.ones(len(X)), np.zeros(len(X))
+        for rows, draws, m in pilots:
+            classes[rows], drawn[rows] = draws.classes, m
+            mu[rows], var[rows] = prior.predictive(draws)
+            if want_beta:
+                a[rows], b[rows] = prior.beta_params(draws)
+        return classes, (mu, var), ((a, b) if want_beta else None), drawn
 
     # -- sampling ------------------------------------------------------------------------------
 

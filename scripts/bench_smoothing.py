@@ -25,8 +25,11 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
+from scipy.special import ndtri
+
 from gmcert.head import GaussianHead
 from gmcert.smoothing import HeadPrior, MetaPrior, Smoother, UniformPrior
+from gmcert.stats import clopper_pearson_lower
 
 
 def fit_head(X, y, sigma, seed):
@@ -55,12 +58,26 @@ def certified_accuracy(pred, radius, y, radii):
     return np.array([np.mean((pred == y) & (radius >= r)) for r in radii])
 
 
+def oracle_fixed_n_cost(p_a, cap, tol, sigma, alpha, n_ref):
+    """Per input, the smallest n whose fixed-n CERTIFY radius at rate p_a is within tol of the
+    n_ref one (or at the cap): a lower reference for what any procedure must spend."""
+    ns = np.unique(np.round(np.logspace(1, np.log10(n_ref), 300)))
+    cost = []
+    for p in p_a:
+        target = min(sigma * ndtri(clopper_pearson_lower(round(p * n_ref), n_ref, alpha)), cap) - tol
+        radius = np.minimum(sigma * ndtri(clopper_pearson_lower(np.round(p * ns), ns, alpha)), cap)
+        ok = np.flatnonzero((radius >= target) | (radius >= cap))
+        cost.append(ns[ok[0]] if ok.size and p > 0.5 else (100 if p <= 0.5 else n_ref))
+    return np.array(cost)
+
+
 def summarise(name, certs, y, cap, cohen, wall):
     pred = np.array([c.prediction for c in certs])
     radius = np.minimum([c.radius for c in certs], cap)
     evals = np.mean([c.samples for c in certs])
     fine = np.linspace(0.0, cap, 81)
     row = {"name": name, "pred": pred, "radius": radius, "evals": evals, "wall": wall,
+           "samples": np.array([c.samples for c in certs]), "reason": np.array([c.stop_reason for c in certs]),
            "acr": np.mean(np.where(pred == y, radius, 0.0)),
            "ca_fine": certified_accuracy(pred, radius, y, fine),
            "ca": certified_accuracy(pred, radius, y, np.linspace(0.0, cap, 9))}
@@ -68,6 +85,7 @@ def summarise(name, certs, y, cap, cohen, wall):
         row["ratio"] = cohen["evals"] / evals
         row["acr_pct"] = 100 * row["acr"] / cohen["acr"]
         row["max_dca"] = 100 * np.max(np.abs(row["ca_fine"] - cohen["ca_fine"]))
+        row["max_dca_grid"] = 100 * np.max(np.abs(row["ca"] - cohen["ca"]))
     return row
 
 
@@ -79,7 +97,9 @@ def main():
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--n0", type=int, default=100)
     parser.add_argument("--n", type=int, default=100_000, help="Cohen's n (also max_samples)")
-    parser.add_argument("--radius-tol", type=float, default=0.03, help="in units of sigma")
+    parser.add_argument("--radius-tol", type=float, nargs="+", default=[0.03, 0.04],
+                        help="radius_tol in units of sigma; the first for every prior, the others for the head prior")
+    parser.add_argument("--save", help="write per-input results of every method to this .npz")
     parser.add_argument("--batch-size", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -106,34 +126,42 @@ def main():
     certs = [s.certify(x, args.n0, args.n, alpha) for x in tqdm(X_test, desc="cohen", unit="input")]
     cohen = summarise(f"Cohen n0={args.n0} n={args.n}", certs, y_test, cap, None, time.perf_counter() - start)
     uncapped_acr = np.mean([c.radius if c.prediction == t else 0.0 for c, t in zip(certs, y_test)])
+    cohen_p_hat = np.array([c.extra["n_a"] / args.n for c in certs])
 
     start = time.perf_counter()
     meta = MetaPrior().calibrate(smoother(2), X_cal, n_samples=2000)
     meta_cost = (time.perf_counter() - start, len(X_cal) * (2000 + 32))
     rows = [cohen]
-    configs = [("spending", "uniform", UniformPrior()), ("spending", "head", HeadPrior()),
-               ("spending", "meta", meta), ("mixture", "uniform", UniformPrior()),
-               ("mixture", "head", HeadPrior())]
-    for k, (sequence, prior_name, prior) in enumerate(configs):
+    tol = args.radius_tol[0]
+    configs = [("spending", "uniform", UniformPrior(), tol), ("spending", "head", HeadPrior(), tol),
+               ("spending", "meta", meta, tol), ("mixture", "uniform", UniformPrior(), tol),
+               ("mixture", "head", HeadPrior(), tol)]
+    configs += [("spending", "head", HeadPrior(), t) for t in args.radius_tol[1:]]
+    for k, (sequence, prior_name, prior, t) in enumerate(configs):
         start = time.perf_counter()
-        certs = smoother(10 + k).certify_batch(X_test, alpha, max_radius=cap, max_samples=args.n,
-                                               radius_tol=args.radius_tol * sigma, prior=prior,
-                                               sequence=sequence, progress=True)
-        rows.append(summarise(f"radius {sequence} {prior_name}", certs, y_test, cap, cohen,
+        certs = smoother(10 + k).certify_batch(X_test, alpha=alpha, max_radius=cap, max_samples=args.n,
+                                               radius_tol=t * sigma, prior=prior, sequence=sequence,
+                                               progress=True)
+        rows.append(summarise(f"radius {sequence} {prior_name} tol {t}s", certs, y_test, cap, cohen,
                               time.perf_counter() - start))
 
-    print(f"\nRADIUS MODE (max_radius = 2 sigma = {cap}, radius_tol = {args.radius_tol} sigma); "
-          f"ACR and certified accuracy on radii capped at {cap}")
+    print(f"\nRADIUS MODE (max_radius = 2 sigma = {cap}); ACR and certified accuracy (CA) on radii capped "
+          f"at {cap}; max|dCA|: largest CA gap to Cohen over 81 radii in [0, 2 sigma] (fine) and over the 9 "
+          f"shown (grid)")
     radii_hdr = " ".join(f"{r / sigma:5.2f}s" for r in np.linspace(0.0, cap, 9))
-    print(f"{'method':28s} {'evals/input':>11s} {'ratio':>6s} {'ACR':>7s} {'%Cohen':>7s} {'max|dCA|':>8s} "
-          f"{'wall s':>7s} | certified accuracy at radius {radii_hdr}")
+    print(f"{'method':34s} {'evals/input':>11s} {'ratio':>6s} {'ACR':>7s} {'%Cohen':>7s} {'max|dCA| fine/grid':>18s} "
+          f"{'wall s':>7s} | CA at radius {radii_hdr}")
     for r in rows:
-        extra = (f"{r['ratio']:6.1f} {r['acr']:7.4f} {r['acr_pct']:6.1f}% {r['max_dca']:7.2f}pt"
-                 if "ratio" in r else f"{1.0:6.1f} {r['acr']:7.4f} {100.0:6.1f}% {0.0:7.2f}pt")
-        print(f"{r['name']:28s} {r['evals']:11.0f} {extra} {r['wall']:7.1f} | "
+        extra = (f"{r['ratio']:6.1f} {r['acr']:7.4f} {r['acr_pct']:6.1f}% {r['max_dca']:8.1f} / {r['max_dca_grid']:4.1f} pt"
+                 if "ratio" in r else f"{1.0:6.1f} {r['acr']:7.4f} {100.0:6.1f}% {'-':>18s}")
+        print(f"{r['name']:34s} {r['evals']:11.0f} {extra} {r['wall']:7.1f} | "
               + " ".join(f"{100 * v:6.1f}" for v in r["ca"]))
     print(f"Cohen's uncapped ACR: {uncapped_acr:.4f}. Meta prior calibration (amortised, not in the "
           f"figures above): {meta_cost[1]} evaluations, {meta_cost[0]:.1f} s.")
+    oracle = oracle_fixed_n_cost(cohen_p_hat, cap, tol * sigma, sigma, alpha, args.n) + args.n0
+    print(f"Reference, not a method: an oracle that knows each p_A (here Cohen's n_A / n) and runs one "
+          f"fixed-n CERTIFY with the smallest n reaching within {tol} sigma of Cohen's capped radius needs "
+          f"{oracle.mean():.0f} evals/input (ratio {cohen['evals'] / oracle.mean():.1f}).")
 
     print("\nTARGET MODE (decision: certified at radius >= target, same class as Cohen)")
     print(f"{'method':28s} {'target':>7s} {'evals/input':>11s} {'ratio':>6s} {'agree':>7s} {'wall s':>7s}")
@@ -142,7 +170,7 @@ def main():
         cohen_dec = (cohen["pred"] >= 0) & (cohen["radius"] >= target)
         for k, (prior_name, prior) in enumerate([("uniform", UniformPrior()), ("head", HeadPrior())]):
             start = time.perf_counter()
-            certs = smoother(20 + k).certify_batch(X_test, alpha, target_radii=target, max_samples=args.n,
+            certs = smoother(20 + k).certify_batch(X_test, alpha=alpha, target_radii=target, max_samples=args.n,
                                                    prior=prior)
             wall = time.perf_counter() - start
             pred = np.array([c.prediction for c in certs])
@@ -153,12 +181,15 @@ def main():
                   f"{cohen['evals'] / evals:6.1f} {100 * agree:6.1f}% {wall:7.1f}")
 
     budget = 500 * len(X_test)
-    certs = smoother(30).certify_batch(X_test, alpha, target_radii=sigma, budget=budget, prior=HeadPrior())
+    certs = smoother(30).certify_batch(X_test, alpha=alpha, target_radii=sigma, budget=budget, prior=HeadPrior())
     reasons = [c.stop_reason for c in certs]
     print(f"\nTRIAGE at target sigma, total budget {budget} ({budget // len(X_test)} per input): "
-          f"spent {sum(c.samples for c in certs)}, decided {len(reasons) - reasons.count('undecided')}"
-          f"/{len(reasons)} (certified {reasons.count('target_certified')}, "
-          f"out of reach {reasons.count('target_out_of_reach')}), undecided {reasons.count('undecided')}")
+          f"spent {sum(c.samples for c in certs)}; stop reasons "
+          + ", ".join(f"{r} {reasons.count(r)}" for r in sorted(set(reasons))))
+
+    if args.save:
+        np.savez(args.save, y=y_test, names=[r["name"] for r in rows], **{
+            f"{key}_{i}": r[key] for i, r in enumerate(rows) for key in ("pred", "radius", "samples", "reason")})
 
     # Overhead of certify over the plain batched loop it wraps (same inputs, same sample count).
     # The two alternate input by input and the best of five rounds is kept, in wall time and in

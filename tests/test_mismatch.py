@@ -3,10 +3,14 @@
 The KL "truth" is KL(P_k || N(fitted mean, fitted covariance)) computed by Monte Carlo with the
 exact density of P_k on a large independent sample: the model is fitted on a finite sample, so
 that fitted Gaussian (not the population one) is what the estimator measures against.
+
+Calibration behind the tolerances (k=10, reference correction; 8-20 seeds each, not run here):
+Gaussian d=4, n=2000 held out: per-class error mean ~0, std 0.012 and 0.007, bootstrap
+interval coverage 95-100%. Student-t (df 8) d=4, n=8000: error std ~0.01; two-mode mixture
+d=4, n=8000: ~0.006. At n=4000 the Student-t std is ~0.02, hence n=8000 in the accuracy test.
 """
 import json
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -135,7 +139,9 @@ def test_gaussian_data_gives_eps_near_zero():
     report = mismatch_report(model, *draw(2000), random_state=0, **FAST)
     assert abs(report.kl) < 0.02
     assert report.kl_interval[0] < 0.01 and report.kl_interval[1] > 0
-    assert np.all(np.abs(report.kl_per_class) < 0.03)
+    # Per class the estimator's spread here is about 0.012 (20 seeds, see the module notes).
+    assert np.all(np.abs(report.kl_per_class) < 0.04)
+    assert np.all(report.kl_per_class_interval[:, 0] < 0.01)
     assert report.label_kl == pytest.approx(0.0, abs=1e-12)
 
 

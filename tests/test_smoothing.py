@@ -160,7 +160,7 @@ def make_prior(name, meta_prior):
 def test_radius_mode_is_valid_for_every_prior(sequence, prior_name, meta_prior):
     x0 = edge_inputs(10)
     s = ThresholdSmoother(seed=11)
-    certs = s.certify_batch(x0, ALPHA, max_radius=2.0, max_samples=5000, radius_tol=0.02,
+    certs = s.certify_batch(x0, alpha=ALPHA, max_radius=2.0, max_samples=5000, radius_tol=0.02,
                             prior=make_prior(prior_name, meta_prior), sequence=sequence)
     assert_rate_at_most_alpha(false_certificates(certs, x0[:, 0]))
     reasons = {c.stop_reason for c in certs}
@@ -170,7 +170,10 @@ def test_radius_mode_is_valid_for_every_prior(sequence, prior_name, meta_prior):
     assert reasons == every_rule or (prior_name.startswith("wrong") and reasons < every_rule)
     capped = [c for c in certs if c.stop_reason == "max_radius"]
     assert all(c.radius == 2.0 for c in capped)
-    assert all(c.samples == 32 + c.extra["counted"] for c in certs)
+    assert max(c.samples for c in certs) <= 5000  # max_samples counts the pilot too
+    pilot_draws = np.array([c.samples - c.extra["counted"] for c in certs])
+    assert set(pilot_draws) == {32, 128}  # near-ties get the 4x longer pilot
+    assert np.all(pilot_draws[np.abs(x0[:, 0]) > 2.0] == 32)
 
 
 @pytest.mark.parametrize("sequence,prior_name", [("spending", "uniform"), ("spending", "head"),
@@ -178,11 +181,11 @@ def test_radius_mode_is_valid_for_every_prior(sequence, prior_name, meta_prior):
 def test_target_mode_is_valid_right_at_the_truth(sequence, prior_name, meta_prior):
     x0 = edge_inputs(20, target=1.0)
     s = ThresholdSmoother(seed=21)
-    certs = s.certify_batch(x0, ALPHA, target_radii=1.0, max_samples=5000,
+    certs = s.certify_batch(x0, alpha=ALPHA, target_radii=1.0, max_samples=5000,
                             prior=make_prior(prior_name, meta_prior), sequence=sequence)
     assert_rate_at_most_alpha(false_certificates(certs, x0[:, 0]))
     reasons = {c.stop_reason for c in certs}
-    assert {"target_certified", "target_out_of_reach", "max_samples"} <= reasons
+    assert {"target_certified", "target_out_of_reach", "target_unreachable"} <= reasons
     certified = np.array([c.stop_reason == "target_certified" for c in certs])
     assert all(c.radius >= 1.0 for c, ok in zip(certs, certified) if ok)
     # At the edge the false rate is not trivially zero: the check has something to see.
@@ -194,7 +197,7 @@ def test_spending_every_look_at_full_alpha_fails_the_same_check(monkeypatch):
     monkeypatch.setattr(smoothing, "plan_alpha_weights",
                         lambda mu, var, looks, *args, **kw: np.ones((len(mu), len(looks))))
     x0 = edge_inputs(20, target=1.0)
-    certs = ThresholdSmoother(seed=21).certify_batch(x0, ALPHA, target_radii=1.0, max_samples=5000)
+    certs = ThresholdSmoother(seed=21).certify_batch(x0, alpha=ALPHA, target_radii=1.0, max_samples=5000)
     assert_rate_above_alpha(false_certificates(certs, x0[:, 0]))
 
 
@@ -202,7 +205,7 @@ def test_triage_spends_at_most_the_budget_and_stays_valid():
     x0 = edge_inputs(30, target=1.0)
     s = ThresholdSmoother(seed=31)
     budget = 400 * N_INPUTS
-    certs = s.certify_batch(x0, ALPHA, target_radii=1.0, budget=budget, max_samples=5000, prior=HeadPrior())
+    certs = s.certify_batch(x0, alpha=ALPHA, target_radii=1.0, budget=budget, max_samples=5000, prior=HeadPrior())
     assert sum(c.samples for c in certs) <= budget
     assert_rate_at_most_alpha(false_certificates(certs, x0[:, 0]))
     reasons = [c.stop_reason for c in certs]
@@ -212,7 +215,7 @@ def test_triage_spends_at_most_the_budget_and_stays_valid():
     far = np.abs(np.abs(x0[:, 0]) - 1.0) > 1.5
     assert not np.any(undecided & far)
     # With the same budget spread evenly, fewer inputs get decided.
-    even = s.certify_batch(x0, ALPHA, target_radii=1.0, max_samples=400 - 32, prior=HeadPrior())
+    even = s.certify_batch(x0, alpha=ALPHA, target_radii=1.0, max_samples=400, prior=HeadPrior())
     even_decided = sum(c.stop_reason.startswith("target") for c in even)
     assert N_INPUTS - reasons.count("undecided") > even_decided
 
@@ -221,7 +224,7 @@ def test_good_priors_cost_fewer_samples_than_wrong_ones(meta_prior):
     x0 = np.random.default_rng(40).uniform(2.2, 4.0, (2000, 1))  # near-certain inputs
     cost = {}
     for name in ["uniform", "head", "meta", "wrong_low"]:
-        certs = ThresholdSmoother(seed=41).certify_batch(x0, 0.001, max_radius=2.0,
+        certs = ThresholdSmoother(seed=41).certify_batch(x0, alpha=0.001, max_radius=2.0,
                                                          prior=make_prior(name, meta_prior))
         assert all(c.radius == 2.0 for c in certs)
         cost[name] = np.mean([c.samples for c in certs])
@@ -280,8 +283,8 @@ def test_torch_smoother_end_to_end():
     for cert in [s.certify(x, n0=100, n=5000, alpha=0.001) for x in X]:
         assert cert.samples == 5100
     cohen = [s.certify(x, 100, 5000, 0.001) for x in X]
-    seq = s.certify_batch(X, 0.001, max_radius=1.0)
-    target = s.certify_batch(X, 0.001, target_radii=0.5, prior=HeadPrior())
+    seq = s.certify_batch(X, alpha=0.001, max_radius=1.0)
+    target = s.certify_batch(X, alpha=0.001, target_radii=0.5, prior=HeadPrior())
     for certs in (cohen, seq, target):
         assert false_certificates(certs, x0) == 0
     # Sequential radii are capped at max_radius, which is cheap to certify far from the boundary.
