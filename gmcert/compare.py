@@ -95,8 +95,10 @@ def _run_method(name, pipeline, smoother, x, config):
         cert = smoother.certify(image, n0=config.n0, n=int(name[len("cohen-n"):]), alpha=config.alpha,
                                 batch_size=config.batch_size)
     else:
+        from gmcert.smoothing import HeadPrior
+
         cert = smoother.certify_sequential(image, alpha=config.alpha, max_radius=2 * config.sigma,
-                                           max_samples=config.max_samples)
+                                           max_samples=config.max_samples, prior=HeadPrior())
     classes = np.asarray(pipeline.head.classes_)
     cert.prediction = int(classes[cert.prediction]) if cert.prediction != ABSTAIN else ABSTAIN
     cert.time = time.perf_counter() - start

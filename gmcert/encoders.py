@@ -23,7 +23,10 @@ import hashlib
 import importlib
 import os
 import socket
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -103,6 +103,8 @@ def iter_certify_hybrid(pipeline, X, policy: FallbackPolicy, method: str = "exac
     """
     import torch
 
+    from gmcert.smoothing import HeadPrior
+
     certs = pipeline.certify(X, method=method, lipschitz=lipschitz, dataset_identity=dataset_identity)
     classes = np.asarray(pipeline.head.classes_)
     smoother = None
@@ -114,7 +116,7 @@ def iter_certify_hybrid(pipeline, X, policy: FallbackPolicy, method: str = "exac
             cert = smoother.certify_sequential(
                 torch.as_tensor(np.asarray(X[i]), dtype=torch.float32), alpha=policy.alpha,
                 target_radius=policy.target_radius, max_samples=policy.max_samples,
-                max_radius=None if policy.target_radius else 4 * policy.sigma)
+                max_radius=None if policy.target_radius else 4 * policy.sigma, prior=HeadPrior())
             cert.prediction = int(classes[cert.prediction]) if cert.prediction != ABSTAIN else ABSTAIN
             cert.time = time.perf_counter() - start
         yield cert

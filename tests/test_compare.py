@@ -128,3 +128,23 @@ def test_certify_fallback_command(model, tmp_path, capsys):
     assert len(rows) == 8 and sum(summary["rows_by_path"].values()) == 8
     assert all(r["path"] in ("closed_form", "smoothing") for r in rows)
     assert all(r["radius"] > 0.6 for r in rows if r["path"] == "closed_form")
+
+
+def test_mismatch_threshold_routes_suspect_classes_to_smoothing(model):
+    from gmcert.data import load_dataset
+    from gmcert.hybrid import FallbackPolicy, certify_hybrid
+    from gmcert.pipeline import Pipeline
+
+    pipeline = Pipeline.load(model)
+    data = load_dataset("digits", channels=None)
+    X = data.images.numpy()[1000:1016]
+    closed = pipeline.certify(X)
+    suspect = closed[0].prediction
+    kl = {int(c): (0.9 if c == suspect else 0.01) for c in pipeline.head.classes_}
+    policy = FallbackPolicy(target_radius=0.0, mismatch_threshold=0.5, kl_per_class=kl, sigma=0.25,
+                            alpha=0.01, max_samples=300)
+    certs = certify_hybrid(pipeline, X, policy)
+    expected = ["smoothing" if c.prediction == suspect or c.radius <= 0 else "closed_form" for c in closed]
+    assert [c.path for c in certs] == expected and "closed_form" in expected and "smoothing" in expected
+    with pytest.raises(ValueError, match="diagnose"):
+        FallbackPolicy(mismatch_threshold=0.5)

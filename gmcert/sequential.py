@@ -1,0 +1,238 @@
+"""Anytime-valid sequential certification engine (BRIEF §7), pure numpy, no torch: the look
+schedule, the stopping rules, the alpha-spending plan, and ``run_sequential``, which counts hits
+of many inputs at once with budget triage. ``gmcert.smoothing.Smoother`` supplies the draws.
+
+The engine asks one thing of its caller: given whatever chose each input's class c_A and prior,
+the counted draws are i.i.d. Bernoulli(p_A), p_A = p_{c_A} (``gmcert.smoothing``, facts 1-2).
+Then, with priors and stopping rules deciding cost only, never validity:
+
+3. The confidence sequence (CS) covers p_A at every look simultaneously with probability
+   >= 1 - alpha, so stopping at any look by any rule (including triage rules that look at other
+   inputs) keeps P(p_A < p_lower) <= alpha. Two constructions, both fixed from the pilot before
+   counting:
+   * ``"spending"`` (default): look j gets the one-sided Clopper-Pearson bound at level
+     alpha * w_j, with sum_j w_j <= 1 (union bound). The weights put alpha where the prior
+     expects this input to stop (``plan_alpha_weights``), keeping a floor everywhere.
+   * ``"mixture"``: the beta-binomial mixture martingale of ``stats.betabinomial_cs`` (Ville).
+   A wrong prior moves alpha to the wrong looks or the mixture to the wrong place: it costs
+   samples, never validity.
+If p_lower > 1/2 then c_A is the smoothed prediction and no perturbation of L2 norm below
+sigma * Phi^-1(p_lower) changes it (Cohen et al., Theorem 1).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.special import ndtr, ndtri
+
+from gmcert import stats
+from gmcert.errors import DataError
+
+#: stop_reason values; "" (index 0) marks an input still being counted.
+STOP_REASONS = ("", "target_certified", "target_out_of_reach", "max_radius", "abstain",
+                "radius_converged", "max_samples", "undecided", "fixed_n", "target_unreachable")
+_MAX_SAMPLES, _UNDECIDED = 6, 7
+
+
+def look_schedule(first_check=32, growth=1.1, max_samples=100_000):
+    """Sample sizes (J,) at which the CS is checked: steps of ``first_check``, then growing
+    geometrically by ``growth``, ending exactly at ``max_samples``."""
+    if not (max_samples >= 1 and first_check >= 1 and growth > 1.0):
+        raise DataError("need max_samples >= 1, first_check >= 1 and growth > 1")
+    looks = [min(first_check, max_samples)]
+    while looks[-1] < max_samples:
+        step = max(first_check, math.ceil((growth - 1.0) * looks[-1]))
+        looks.append(min(max_samples, looks[-1] + step))
+    return np.asarray(looks, dtype=np.float64)
+
+
+class StoppingRules:
+    """When an input stops counting. Rules decide cost, never validity (module docstring).
+
+    Target mode (threshold = Phi(target / sigma) given): ``target_certified`` once
+    LCB >= threshold; ``target_out_of_reach`` once UCB < threshold; ``target_unreachable`` once
+    fixed-n CERTIFY with ``max_samples`` draws would not certify the target even at an
+    optimistic hit rate (estimate + 2 standard errors), so further draws would not change the
+    answer. Radius mode: ``max_radius`` once LCB >= Phi(max_radius / sigma); ``abstain`` once
+    UCB < 1/2; ``radius_converged`` once the radius is within ``radius_tol`` of what fixed-n
+    CERTIFY with ``max_samples`` draws would give at the current hit rate (abstaining counts as
+    radius 0), unless that projection reaches ``max_radius``. Both modes: ``max_samples``.
+    """
+
+    def __init__(self, alpha, sigma, max_radius=None, radius_tol=None, max_samples=100_000):
+        self.alpha, self.sigma, self.max_samples = alpha, sigma, max_samples
+        self.cap = np.inf if max_radius is None else float(max_radius)
+        self.cap_p = ndtr(self.cap / sigma)
+        self.tol = 0.03 * sigma if radius_tol is None else float(radius_tol)
+        self._z_fixed_n = -ndtri(alpha)
+
+    def project(self, p_hat):
+        """(radius, reaches max_radius) of fixed-n CERTIFY with max_samples draws at rate p_hat."""
+        n = self.max_samples
+        p_lower = stats.clopper_pearson_lower(np.round(np.asarray(p_hat) * n), n, self.alpha)
+        return self.sigma * ndtri(p_lower), p_lower >= self.cap_p
+
+    def decide(self, hits, trials, lower, upper, threshold=None, projection=None, limit=None):
+        """Index into STOP_REASONS (0: go on), broadcast over all arguments; ``projection``:
+        ``project(hits / trials)`` if already computed; ``limit``: counted draws allowed
+        (default ``max_samples``)."""
+        if threshold is not None:
+            p_hat = hits / trials
+            optimistic = np.minimum(p_hat + 2.0 * np.sqrt(p_hat * (1.0 - p_hat) / trials), 1.0)
+            fixed_n_lower, _ = stats.wilson_interval(optimistic, self.max_samples, self._z_fixed_n)
+            conditions = [lower >= threshold, upper < threshold, fixed_n_lower < threshold]
+            codes = [1, 2, 9]
+        else:
+            ref_radius, reachable = projection if projection is not None else self.project(hits / trials)
+            now = np.maximum(self.sigma * ndtri(np.minimum(lower, self.cap_p)), 0.0)
+            ref = np.maximum(np.minimum(ref_radius, self.cap), 0.0)
+            conditions = [lower >= self.cap_p, upper < 0.5, ~reachable & (ref - now <= self.tol)]
+            codes = [3, 4, 5]
+        limit = self.max_samples if limit is None else limit
+        return np.select(conditions + [trials >= limit], codes + [_MAX_SAMPLES], 0)
+
+
+def plan_alpha_weights(mu_z, var_z, looks, rules, threshold=None, floor=0.2, spread=3.0):
+    """Alpha-spending weights (N, J) summing to < 1 per input: where the prior expects a stop.
+
+    For probit-scale prior nodes p = Phi(mu_z + sqrt(var_z) * node), the look at which the rules
+    would stop if the hit rate were exactly p is found with Wilson bounds (a planning
+    approximation only); those looks, smoothed by a Gaussian kernel of ``spread`` looks, get
+    ``1 - floor`` of the weight and every look gets ``floor / J``.
+    """
+    nodes, node_w = np.polynomial.hermite_e.hermegauss(12)
+    node_w = node_w / node_w.sum()
+    z_plan = -ndtri(0.2 * rules.alpha)  # a typical per-look level under this plan
+    offsets = np.arange(-int(3 * spread), int(3 * spread) + 1)
+    kernel = np.exp(-0.5 * (offsets / spread) ** 2)
+    kernel /= kernel.sum()
+    n_looks, weights = len(looks), []
+    for rows in np.array_split(np.arange(len(mu_z)), max(1, len(mu_z) // 256)):
+        p = np.clip(ndtr(mu_z[rows, None] + np.sqrt(var_z[rows, None]) * nodes), 1e-12, 1 - 1e-12)
+        lower, upper = stats.wilson_interval(p[..., None], looks, z_plan)
+        projection = tuple(v[..., None] for v in rules.project(p))
+        thr = None if threshold is None else threshold[rows, None, None]
+        stop = rules.decide(p[..., None] * looks, looks, lower, upper, thr, projection, looks[-1]) > 0
+        stop[..., -1] = True
+        stop_look = np.argmax(stop, axis=2)  # (rows, nodes)
+        w = np.zeros((len(rows), n_looks))
+        for offset, k in zip(offsets, kernel):
+            np.add.at(w, (np.repeat(np.arange(len(rows)), len(nodes)),
+                          np.clip(stop_look + offset, 0, n_looks - 1).ravel()),
+                      np.tile(node_w * k, len(rows)))
+        weights.append((1.0 - floor) * w / w.sum(axis=1, keepdims=True) + floor / n_looks)
+    weights = np.concatenate(weights)
+    return weights / (weights.sum(axis=1, keepdims=True) * (1.0 + 1e-9))  # sum < 1 despite rounding
+
+
+def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", prior_ab=None,
+                   target_radii=None, max_radius=None, radius_tol=None, max_samples=100_000,
+                   counted_limit=None, budget=None, first_check=32, growth=1.1, progress=False,
+                   plan_weights=None):
+    """Anytime-valid sequential certification of many inputs at once (pure numpy core).
+
+    Parameters
+    ----------
+    count_hits : callable ``(indices (k,), chunks (k,)) -> hits (k,)``
+        Draws ``chunks[j]`` fresh noisy samples of input ``indices[j]`` and returns how many the
+        base classifier assigns to that input's selected class. Draws must be independent of
+        everything that chose the class and the prior.
+    prior_z : (mu_z (N,), var_z (N,))
+        Probit-scale prior predictive of each p_A (fixed before counting).
+    alpha, sigma : float
+        Error probability of each certificate; noise level.
+    sequence : {"spending", "mixture"}
+        CS construction (module docstring). ``prior_ab``: Beta(a, b) arrays for the mixture,
+        default ``stats.beta_from_probit(*prior_z)``.
+    target_radii : None, float or array_like (N,)
+        Target mode if given, else radius mode (``StoppingRules``).
+    max_radius, radius_tol, max_samples :
+        Radius cap, convergence tolerance (default ``0.03 * sigma``), and the n of the fixed-n
+        certificate the rules compare with.
+    counted_limit : None, int or array_like (N,)
+        Counted draws per input at most (reason ``max_samples``); default ``max_samples``.
+    budget : int or None
+        Total counted draws over all inputs (triage): each round, open inputs get their next
+        chunk cheapest-to-decide first; those left open when it runs out end ``undecided``.
+    first_check, growth :
+        Look schedule (``look_schedule``).
+    plan_weights : callable or None
+        Alpha-spending planner with the signature of ``plan_alpha_weights`` (the default). A
+        hook for callers (``Smoother.certify_batch`` passes the one it sees, so tests can swap
+        in invalid plans and check that the soundness tests catch them).
+
+    Returns
+    -------
+    dict of arrays (N,): ``hits``, ``trials``, ``p_lower``, ``p_upper``, ``reason`` (str).
+    """
+    mu_z, var_z = (np.asarray(v, dtype=np.float64) for v in prior_z)
+    n_inputs = len(mu_z)
+    rules = StoppingRules(alpha, sigma, max_radius, radius_tol, max_samples)
+    threshold = None
+    if target_radii is not None:
+        target = np.broadcast_to(np.asarray(target_radii, dtype=np.float64), (n_inputs,))
+        if np.any(~np.isfinite(target) | (target < 0)):
+            raise DataError("target_radii must be finite and >= 0")
+        threshold = ndtr(target / sigma)
+    limit = np.broadcast_to(np.asarray(max_samples if counted_limit is None else counted_limit,
+                                       dtype=np.float64), (n_inputs,))
+    if np.any(limit < 1):
+        raise DataError("every input needs at least one counted draw (max_samples too small)")
+    looks = look_schedule(first_check, growth, int(limit.max()))
+    if sequence == "spending":
+        weights = (plan_alpha_weights if plan_weights is None else plan_weights)(
+            mu_z, var_z, looks, rules, threshold)
+    elif sequence == "mixture":
+        a, b = prior_ab if prior_ab is not None else stats.beta_from_probit(mu_z, var_z)
+        a, b = np.broadcast_to(a, (n_inputs,)), np.broadcast_to(b, (n_inputs,))
+    else:
+        raise DataError(f"sequence must be 'spending' or 'mixture', got {sequence!r}")
+    hits, trials = np.zeros(n_inputs), np.zeros(n_inputs)
+    lcb, ucb = np.zeros(n_inputs), np.ones(n_inputs)
+    code, look = np.zeros(n_inputs, dtype=int), np.full(n_inputs, -1)
+    budget_left = np.inf if budget is None else float(budget)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=n_inputs, disable=not progress, desc="certified", unit="input") as bar:
+        while (open_ := np.flatnonzero(code == 0)).size:
+            chunk = np.minimum(looks[look[open_] + 1], limit[open_]) - trials[open_]
+            if budget is not None:  # triage: cheapest decisions first, as far as the budget goes
+                order = np.argsort(_remaining_cost(hits[open_], trials[open_], rules, threshold,
+                                                   open_), kind="stable")
+                keep = np.cumsum(chunk[order]) <= budget_left
+                if not keep.any():
+                    code[open_] = _UNDECIDED
+                    break
+                open_, chunk = open_[order][keep], chunk[order][keep]
+                budget_left -= chunk.sum()
+            hits[open_] += np.asarray(count_hits(open_, chunk.astype(np.int64)), dtype=np.float64)
+            look[open_] += 1  # the look index, not the sample size, carries the spending weight
+            trials[open_] += chunk
+            if sequence == "spending":
+                level = alpha * weights[open_, look[open_]]
+                lo = stats.clopper_pearson_lower(hits[open_], trials[open_], level)
+                hi = stats.clopper_pearson_upper(hits[open_], trials[open_], level)
+            else:
+                lo, hi = stats.betabinomial_cs(hits[open_], trials[open_], alpha, a[open_], b[open_])
+            lcb[open_] = np.maximum(lcb[open_], lo)  # running max/min: the CS covers every look
+            ucb[open_] = np.minimum(ucb[open_], hi)
+            code[open_] = rules.decide(hits[open_], trials[open_], lcb[open_], ucb[open_],
+                                       None if threshold is None else threshold[open_],
+                                       limit=limit[open_])
+            bar.update(int(np.count_nonzero(code[open_])))
+    return {"hits": hits, "trials": trials, "p_lower": lcb, "p_upper": ucb,
+            "reason": np.asarray(STOP_REASONS, dtype=object)[code]}
+
+
+def _remaining_cost(hits, trials, rules, threshold, idx):
+    """Rough draws still needed to decide (triage order only): c^2 p(1-p) / gap^2 - t."""
+    p_hat = (hits + 0.5) / (trials + 1.0)
+    if threshold is not None:
+        goal = threshold[idx]
+    else:
+        ref_radius, reachable = rules.project(p_hat)
+        goal = np.where(reachable, rules.cap_p,
+                        ndtr(np.maximum(ref_radius - rules.tol, 0.0) / rules.sigma))
+    c2 = 2.0 * np.log(1.0 / rules.alpha) + 4.0
+    return c2 * p_hat * (1.0 - p_hat) / np.maximum((p_hat - goal) ** 2, 1e-24) - trials
