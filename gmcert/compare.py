@@ -184,7 +184,7 @@ def plot_samples(results: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gmcert.report import _save_figure
+    from gmcert.atomic import save_figure
 
     fig, ax = plt.subplots(figsize=(6, 4))
     top = max(max(r["samples"] for r in rows) for rows in results.values())
@@ -194,7 +194,8 @@ def plot_samples(results: dict, path) -> None:
     ax.set(xscale="log", xlabel="model evaluations per input", ylabel="inputs")
     ax.legend()
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
+    plt.close(fig)
 
 
 __all__ = ["CompareConfig", "METHODS", "run_compare", "sound_rows"]

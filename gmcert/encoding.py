@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gmcert.atomic import atomic_write
 from gmcert.errors import DataError
 
 CACHE_VERSION = 1
@@ -62,16 +61,8 @@ def _read_cache(path: Path, n: int):
 
 
 def _write_cache(path: Path, latents: np.ndarray, key: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, latents=latents, key=np.array(key))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as handle:
+        np.savez(handle, latents=latents, key=np.array(key))
 
 
 def encode(encoder, images, batch_size: int = 64, device=None, cache_dir=None, cache_key: str | None = None,

@@ -32,15 +32,14 @@ singular with respect to any Gaussian), and the bound is vacuous.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from scipy.stats import chi2, norm
 from tqdm.auto import tqdm
 
+from gmcert.atomic import save_figure
 from gmcert.entropy import covariance_rank, knn_entropy_terms, reference_bias_terms
 from gmcert.errors import DataError
 from gmcert.stats import hoeffding_interval
@@ -260,11 +259,7 @@ class MismatchReport:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        save_figure(fig, path)
 
     def __str__(self) -> str:
         return self.table()

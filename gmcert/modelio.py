@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 import zlib
 
 import numpy as np
 
+from gmcert.atomic import atomic_write
 from gmcert.errors import ModelFileError
 
 META_KEY = "__meta__"
@@ -54,19 +54,8 @@ def save_arrays(path, meta, arrays):
     manifest = {name: {"dtype": value.dtype.str, "shape": list(value.shape)} for name, value in arrays.items()}
     full = dict(meta, gmcert_version=_gmcert_version(), arrays=manifest)
     blob = np.frombuffer(json.dumps(full, sort_keys=True).encode("utf-8"), dtype=np.uint8)
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **{META_KEY: blob}, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as handle:
+        np.savez(handle, **{META_KEY: blob}, **arrays)
 
 
 def load_arrays(path, expected_format, max_version=MODEL_FORMAT_VERSION):

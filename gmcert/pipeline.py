@@ -188,6 +188,10 @@ class Pipeline:
         else:
             L, kind = self.input_lipschitz(lipschitz)
             L = np.full(len(Z), L)
+            # The latent radius itself is exact only from the exact dual with one Gaussian per
+            # class; the per-pair closed form and the multi-component bound are lower bounds.
+            if kind == "exact" and not (method == "exact" and self.head.n_components_per_class == 1):
+                kind = "bound"
         return [
             Certificate(prediction=int(p), radius=float(r / l), radius_kind=kind,
                         path="closed_form", samples=1, stop_reason="closed_form",

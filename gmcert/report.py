@@ -13,13 +13,12 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import beta
 
+from gmcert.atomic import atomic_write, save_figure
 from gmcert.results import SOUND_KINDS, Certificate
 
 COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
@@ -134,16 +133,8 @@ class CertifyWriter:
 
 
 def write_text_atomic(path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w") as handle:
+        handle.write(text)
 
 
 def write_json_atomic(path, obj) -> None:
@@ -242,15 +233,5 @@ def plot_certified_accuracy(curves: dict, path, title: str = "", xlabel: str = "
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _save_figure(fig, path)
-
-
-def _save_figure(fig, path) -> None:
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)

@@ -69,6 +69,14 @@ def test_pixel_attack_never_breaks_exact_input_radius(raw_pca, digits):
     assert outside.mean() > 0.8
 
 
+def test_lower_bound_methods_never_claim_exact(raw_pca, digits):
+    X, _ = digits
+    closed = raw_pca.certify(X[1400:1450], method="closed_form")
+    exact = raw_pca.certify(X[1400:1450], method="exact")
+    assert {c.radius_kind for c in closed} == {"bound"} and {c.radius_kind for c in exact} == {"exact"}
+    assert all(c.radius <= e.radius for c, e in zip(closed, exact))
+
+
 def test_torch_module_agrees_with_head(raw_pca, digits):
     X, _ = digits
     expected = raw_pca.predict(X[1400:])
