@@ -23,7 +23,7 @@ import numpy as np
 
 from gmcert.errors import DataError
 from gmcert.report import (
-    CertifyWriter, certificate_row, plot_certified_accuracy, sound_rows, summarize, write_json_atomic,
+    CertifyWriter, certificate_row, parse_seconds, plot_certified_accuracy, summarize, write_json_atomic,
     write_text_atomic,
 )
 from gmcert.results import ABSTAIN
@@ -139,7 +139,7 @@ def write_reports(results: dict, out: Path, config: CompareConfig, pipeline=None
     curves = {}
     for name, rows in results.items():
         summary = summarize(rows, config.radii)
-        summary["mean_time"] = float(np.mean([_seconds(r["time"]) for r in rows]))
+        summary["mean_time"] = float(np.mean([parse_seconds(r["time"]) for r in rows]))
         summaries[name] = summary
         kinds = summary["rows_by_radius_kind"]
         label = name if set(kinds) <= {"probabilistic"} else f"{name} ({'/'.join(kinds)})"
@@ -157,12 +157,6 @@ def write_reports(results: dict, out: Path, config: CompareConfig, pipeline=None
                             title=f"sigma={config.sigma}, alpha={config.alpha}, n={record['n_inputs']}")
     plot_samples(results, out / "samples.png")
     return record
-
-
-def _seconds(text):
-    from gmcert.report import parse_seconds
-
-    return parse_seconds(text) if isinstance(text, str) else float(text)
 
 
 def markdown_table(summaries: dict, config: CompareConfig) -> str:
@@ -198,4 +192,4 @@ def plot_samples(results: dict, path) -> None:
     plt.close(fig)
 
 
-__all__ = ["CompareConfig", "METHODS", "run_compare", "sound_rows"]
+__all__ = ["CompareConfig", "METHODS", "run_compare"]
