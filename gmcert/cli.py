@@ -340,7 +340,7 @@ def cmd_diagnose(args) -> int:
     print(report.table())
     if np.min(report.kl_per_class_interval) < 0:
         print("note: KL is never negative; negative estimates are the k-NN estimator's bias at this dimension and\n"
-              "sample size, so eps and the bound below are indicative only (fit with a smaller --dim to tighten)")
+              "sample size, so eps and the plotted bound are indicative only (fit with a smaller --dim to tighten)")
     record = report.to_dict()
     record["classes"] = [int(c) for c in pipeline.head.classes_]
     record["config"] = {k: v for k, v in vars(args).items()}
