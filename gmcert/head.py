@@ -1,7 +1,7 @@
 """The fitted Gaussian-mixture head as a torch module, so the whole pipeline is one classifier
 that randomized smoothing (or any torch tool) can call on pixels.
 
-It computes the same class scores as ``GaussianMixtureClassifier.decision_function``
+It computes the same class scores as ``GaussianMixtureClassifier.class_scores``
 (BRIEF §2), from the component-level attributes every covariance type materialises.
 """
 from __future__ import annotations

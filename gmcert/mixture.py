@@ -257,9 +257,14 @@ class GaussianMixtureClassifier(ClassifierMixin, BaseEstimator):
         return np.concatenate([geo.class_scores(geo.component_terms(Z[i:i + rows])[0])
                                for i in range(0, len(Z), rows)]) if len(Z) else np.empty((0, len(self.classes_)))
 
-    def decision_function(self, Z):
+    def class_scores(self, Z):
         """Class scores ``s_k`` (BRIEF §2), shape (n, K) for every K (also K = 2)."""
         return self._class_scores(self._check_latents(Z))
+
+    def decision_function(self, Z):
+        """The scores ``s_k``, shape (n, K); for two classes scikit-learn's (n,) ``s_1 - s_0``."""
+        scores = self.class_scores(Z)
+        return scores[:, 1] - scores[:, 0] if scores.shape[1] == 2 else scores
 
     def predict_log_proba(self, Z):
         half = self._class_scores(self._check_latents(Z)) / 2

@@ -152,8 +152,8 @@ def test_exact_radius_matches_brute_force_in_two_dimensions(covariance_type):
     U = np.c_[np.cos(theta), np.sin(theta)]
     for i, z in enumerate(X):
         # along a ray each score difference is a quadratic in t, read off from t = 0, 1, -1
-        f0 = clf.decision_function(z[None])[0]
-        f1, fm = clf.decision_function(z + U), clf.decision_function(z - U)
+        f0 = clf.class_scores(z[None])[0]
+        f1, fm = clf.class_scores(z + U), clf.class_scores(z - U)
         c = np.flatnonzero(clf.classes_ == pred[i])[0]
         g0, g1, gm = f0[c] - f0, f1[:, [c]] - f1, fm[:, [c]] - fm
         qa, qb = (g1 + gm) / 2 - g0, (g1 - gm) / 2
@@ -194,7 +194,7 @@ def test_tied_radius_is_the_hyperplane_distance():
     clf, X, _ = _mixture(5, 4, 6, 100, "tied")
     pred, exact = clf.certify(X, "exact")
     _, closed = clf.certify(X, "closed_form")
-    S = clf.decision_function(X)
+    S = clf.class_scores(X)
     P, mu = clf.component_precisions_[0], clf.means_
     c = np.searchsorted(clf.classes_, pred)
     expect = np.full(len(X), np.inf)

@@ -10,12 +10,6 @@ from sklearn.utils.estimator_checks import check_estimator
 from gmcert.errors import DataError
 from gmcert.mixture import GaussianMixtureClassifier, SufficientStatistics, shrunk_covariance
 
-# decision_function returns (n, K) class scores for every K (the project's contract); these
-# three checks expect scikit-learn's binary convention (n,) and are run on an adapter below
-BINARY_SHAPE_CHECKS = ("check_classifiers_classes", "check_classifiers_train",
-                       "check_decision_proba_consistency")
-
-
 def _data(seed=0, K=3, d=4, n=60, offset=0.0):
     rng = np.random.default_rng(seed)
     Z = np.concatenate([rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + rng.normal(size=d) * 2
@@ -23,23 +17,21 @@ def _data(seed=0, K=3, d=4, n=60, offset=0.0):
     return Z, np.repeat(np.arange(K) * 2 + 3, n)
 
 
-class _BinaryConvention(GaussianMixtureClassifier):
-    """scikit-learn's binary decision_function (s_1 - s_0), to run the three checks above."""
-
-    def decision_function(self, Z):
-        scores = super().decision_function(Z)
-        return scores[:, 1] - scores[:, 0] if scores.shape[1] == 2 else scores
-
-
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.SkipTestWarning")  # pandas/array-API checks
 def test_scikit_learn_estimator_checks():
-    expected = {name: "decision_function is (n, K) also for K = 2" for name in BINARY_SHAPE_CHECKS}
-    results = check_estimator(GaussianMixtureClassifier(), expected_failed_checks=expected, on_fail=None)
+    results = check_estimator(GaussianMixtureClassifier(), on_fail=None)
     failed = [r["check_name"] for r in results if r["status"] == "failed"]
     assert not failed
-    results = check_estimator(_BinaryConvention(), on_fail=None)
-    assert not [r["check_name"] for r in results if r["status"] == "failed"]
-    assert {r["check_name"] for r in results} >= set(BINARY_SHAPE_CHECKS)
+    assert {"check_classifiers_train", "check_decision_proba_consistency"} <= {r["check_name"] for r in results}
+
+
+def test_decision_function_follows_scikit_learn_shapes():
+    Z, y = _data(K=3)
+    clf = GaussianMixtureClassifier().fit(Z, y)
+    np.testing.assert_array_equal(clf.decision_function(Z), clf.class_scores(Z))
+    binary = GaussianMixtureClassifier().fit(Z[y != 7], y[y != 7])
+    scores = binary.class_scores(Z)
+    np.testing.assert_array_equal(binary.decision_function(Z), scores[:, 1] - scores[:, 0])
 
 
 @pytest.mark.parametrize("reg", [0.0, 0.1, 0.7])
@@ -111,7 +103,7 @@ def test_chunked_partial_and_merged_fits_equal_one_shot(covariance_type):
 def test_scores_probabilities_and_class_densities():
     Z, y = _data(6)
     clf = GaussianMixtureClassifier(priors=[0.5, 0.3, 0.2]).fit(Z, y)
-    S = clf.decision_function(Z)
+    S = clf.class_scores(Z)
     half = S / 2
     np.testing.assert_allclose(clf.predict_proba(Z), np.exp(half) / np.exp(half).sum(1, keepdims=True),
                                rtol=1e-10, atol=1e-300)
