@@ -129,14 +129,13 @@ def read_latents(path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: no such latents file")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            missing = {"z", "y"} - set(archive.files)
-            if missing:
-                raise DataError(f"{path}: latents npz needs arrays 'z' (n, d) and 'y' (n,); missing {sorted(missing)}")
-            z, y = archive["z"], archive["y"]
-    except (OSError, ValueError) as err:
-        if isinstance(err, DataError):
-            raise
+            arrays = {key: archive[key] for key in ("z", "y") if key in archive.files}
+    except (OSError, ValueError) as err:  # not a zip, or entries that would need pickle
         raise DataError(f"{path}: not a readable npz file ({err})") from err
+    if len(arrays) < 2:
+        raise DataError(f"{path}: latents npz needs arrays 'z' (n, d) and 'y' (n,); missing "
+                        f"{sorted({'z', 'y'} - set(arrays))}")
+    z, y = arrays["z"], arrays["y"]
     if z.ndim != 2 or y.ndim != 1 or len(z) != len(y):
         raise DataError(f"{path}: need z of shape (n, d) and y of shape (n,), got {z.shape} and {y.shape}")
     return z, y

@@ -21,7 +21,7 @@ import numpy as np
 from gmcert.errors import DataError
 from gmcert.results import ABSTAIN, SOUND_KINDS
 
-PATHS = ("auto", "closed_form", "smoothing")
+FORCE_CHOICES = ("auto", "closed_form", "smoothing")
 
 
 @dataclass
@@ -54,8 +54,8 @@ class FallbackPolicy:
     force: str = "auto"
 
     def __post_init__(self):
-        if self.force not in PATHS:
-            raise DataError(f"force must be one of {PATHS}, got {self.force!r}")
+        if self.force not in FORCE_CHOICES:
+            raise DataError(f"force must be one of {FORCE_CHOICES}, got {self.force!r}")
         if self.mismatch_threshold is not None and self.kl_per_class is None:
             raise DataError("mismatch_threshold needs kl_per_class: run `gmcert diagnose` on the model first")
         if not (self.sigma > 0 and math.isfinite(self.sigma)):

@@ -208,10 +208,7 @@ class Pipeline:
 
         self._check_fitted()
         dtype = dtype or torch.float32
-        encoder = self.encoder
-        if self.encoder_name == "identity":
-            encoder = torch.nn.Flatten()
-        module = torch.nn.Sequential(encoder, self.projection.to_torch(dtype=dtype),
+        module = torch.nn.Sequential(self.encoder, self.projection.to_torch(dtype=dtype),
                                      GaussianHead(self.head, dtype=dtype))
         return module.eval()
 
