@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--test-size", type=float, default=0.25,
                      help="held-out fraction for the printed evaluation (0 = fit on everything)")
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--noise-sigma", type=float, default=0.0,
+                     help="also fit on Gaussian-noised copies (pixel-space sigma): a better base for smoothing")
+    fit.add_argument("--noise-copies", type=int, default=1, help="noised copies per input (default 1)")
     fit.add_argument("--batch-size", type=int, default=64)
     fit.add_argument("--radii", type=_radii, default=_radii(DEFAULT_RADII))
 
@@ -207,8 +210,10 @@ def cmd_fit(args) -> int:
     print(f"fitting {encoder} -> {projection}{dim} -> {args.covariance_type} Gaussian mixture "
           f"on {len(train)} inputs", file=sys.stderr)
     fit_inputs = inputs.subset(train)
-    pipeline.fit(fit_inputs.x, fit_inputs.labels, dataset_identity=fit_inputs.identity)
-    pipeline.metadata = {**data, "channels": inputs.channels, "test_index": test.tolist(), "seed": args.seed}
+    pipeline.fit(fit_inputs.x, fit_inputs.labels, dataset_identity=fit_inputs.identity,
+                 noise_sigma=args.noise_sigma, noise_copies=args.noise_copies, random_state=args.seed)
+    pipeline.metadata = {**data, "channels": inputs.channels, "test_index": test.tolist(), "seed": args.seed,
+                         "noise_sigma": args.noise_sigma, "noise_copies": args.noise_copies}
     L, kind = pipeline.input_lipschitz()
     pipeline.save(args.out)
     print(f"saved model to {args.out}")

@@ -112,3 +112,23 @@ def test_default_pipeline_heldout_accuracy():
     pipeline.head.fit(pipeline.projection.fit_transform(Z[train]), data.labels[train])
     accuracy = np.mean(pipeline.head.predict(pipeline.projection.transform(Z[test])) == data.labels[test])
     assert accuracy >= 0.90, f"held-out accuracy {accuracy:.3f}"
+
+
+def test_noise_augmented_head_is_a_better_smoothing_base(digits):
+    """Gaussian data augmentation: under noise at the trained sigma, the augmented pipeline's base
+    accuracy beats the clean-fitted one (and both stay ordinary pipelines)."""
+    X, y = digits
+    sigma = 0.5
+    clean = Pipeline(encoder="identity", n_components=24).fit(X[:1400], y[:1400])
+    noisy = Pipeline(encoder="identity", n_components=24).fit(X[:1400], y[:1400], noise_sigma=sigma,
+                                                             noise_copies=2, random_state=0)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.as_tensor(X[1400:]).repeat(4, 1, 1, 1)
+    x = x + sigma * torch.randn(x.shape, generator=gen)
+    labels = np.tile(y[1400:], 4)
+    with torch.no_grad():
+        acc = {name: np.mean(p.head.classes_[p.torch_module()(x).argmax(1).numpy()] == labels)
+               for name, p in (("clean", clean), ("noisy", noisy))}
+    assert acc["noisy"] > acc["clean"] + 0.05, acc  # measured: clean 0.39, noisy 0.76
+    with pytest.raises(ValueError, match="noise_sigma"):
+        Pipeline(encoder="identity").fit(X[:100], y[:100], noise_sigma=-1.0)
