@@ -226,9 +226,12 @@ class Pipeline:
 
         self._check_fitted()
         dtype = dtype or torch.float32
+        from gmcert.encoding import default_device
+
         module = torch.nn.Sequential(self.encoder, self.projection.to_torch(dtype=dtype),
                                      GaussianHead(self.head, dtype=dtype))
-        return module.eval()
+        # One device for all three parts (encode() may already have moved the encoder to CUDA).
+        return module.to(torch.device(self.device) if self.device else default_device()).eval()
 
     # -- files -----------------------------------------------------------------------------
     def save(self, path) -> None:
