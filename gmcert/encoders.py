@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import sys
 import socket
 try:
     import tomllib
@@ -37,7 +38,16 @@ from torch import nn
 from gmcert.data import INTERPOLATIONS, Resize
 from gmcert.errors import DataError, GmcertError, ModelFileError, WeightsUnavailableError
 
-CARDS_DIR = Path(os.environ.get("GMCERT_ENCODERS_DIR", Path(__file__).resolve().parent.parent / "encoders"))
+def _cards_dir() -> Path:
+    """``$GMCERT_ENCODERS_DIR``, else the checkout's ``encoders/`` (editable install), else the copy a
+    regular install puts under ``<prefix>/share/gmcert/encoders``."""
+    if os.environ.get("GMCERT_ENCODERS_DIR"):
+        return Path(os.environ["GMCERT_ENCODERS_DIR"])
+    checkout = Path(__file__).resolve().parent.parent / "encoders"
+    return checkout if checkout.is_dir() else Path(sys.prefix) / "share" / "gmcert" / "encoders"
+
+
+CARDS_DIR = _cards_dir()
 RANDOM_INIT = "random-init"
 _SOURCES = ("timm", "file", "package", "none")
 
