@@ -218,16 +218,17 @@ def cmd_fit(args) -> int:
     pipeline.save(args.out)
     print(f"saved model to {args.out}")
     if len(test):
-        from gmcert.report import certificate_row, summarize
+        from gmcert.report import certificate_row, certified_accuracy, summarize
 
         held_out = inputs.subset(test)
         certs = pipeline.certify(held_out.x, dataset_identity=held_out.identity)
         rows = [certificate_row(i, label, c) for i, label, c in zip(test, held_out.labels, certs)]
         summary = summarize(rows, args.radii)
-        latent_summary = summarize([{**row, "radius": c.latent_radius} for row, c in zip(rows, certs)], args.radii)
+        latent_acc = certified_accuracy([{**row, "radius": c.latent_radius} for row, c in zip(rows, certs)],
+                                        args.radii)
         print(f"held-out accuracy: {summary['clean_accuracy']:.4f} ({len(test)} inputs)")
         print(f"input Lipschitz constant: {L:.4g} ({kind})")
-        print(_accuracy_table(args.radii, latent_summary["certified_accuracy"], summary["certified_accuracy"], kind))
+        print(_accuracy_table(args.radii, latent_acc, summary["certified_accuracy"], kind))
         if kind == "bound":
             print("input radii of kind 'bound' are sound but vacuous for a deep encoder (a product of layer norms);\n"
                   "for usable input-space certificates run `gmcert certify --fallback smoothing`, or "
@@ -255,7 +256,7 @@ def cmd_certify(args) -> int:
     from tqdm import tqdm
 
     from gmcert.pipeline import Pipeline
-    from gmcert.report import CertifyWriter, certificate_row, summarize, write_json_atomic
+    from gmcert.report import CertifyWriter, certificate_row, certified_accuracy, summarize, write_json_atomic
 
     pipeline = Pipeline.load(args.model, device=args.device, cache_dir=args.cache_dir or None)
     if args.fallback != "none":
@@ -275,9 +276,9 @@ def cmd_certify(args) -> int:
             bar.update(1)
     rows = writer.close()
     summary = summarize(rows, args.radii)
-    summary["latent_certified_accuracy"] = summarize(
+    summary["latent_certified_accuracy"] = certified_accuracy(
         [{**r, "radius": r["latent_radius"] if r["path"] == "closed_form" else 0.0} for r in rows],
-        args.radii)["certified_accuracy"]
+        args.radii).tolist()
     summary["config"] = {k: v for k, v in vars(args).items() if k != "policy"}
     if args.fallback != "none":
         from dataclasses import asdict

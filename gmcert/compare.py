@@ -26,7 +26,6 @@ from gmcert.report import (
     CertifyWriter, certificate_row, parse_seconds, plot_certified_accuracy, summarize, write_json_atomic,
     write_text_atomic,
 )
-from gmcert.results import ABSTAIN
 
 METHODS = ("gm-exact", "gm-closed", "cohen", "sequential")
 
@@ -99,8 +98,7 @@ def _run_method(name, pipeline, smoother, x, config):
 
         cert = smoother.certify_sequential(image, alpha=config.alpha, max_radius=2 * config.sigma,
                                            max_samples=config.max_samples, prior=HeadPrior())
-    classes = np.asarray(pipeline.head.classes_)
-    cert.prediction = int(classes[cert.prediction]) if cert.prediction != ABSTAIN else ABSTAIN
+    cert = pipeline.label_smoothed(cert)
     cert.time = time.perf_counter() - start
     return cert
 
@@ -109,20 +107,16 @@ def run_compare(pipeline, X, labels, index, out, config: CompareConfig, progress
     """Run every method of ``config`` on inputs ``X`` (with ``labels``, TSV ``index``) into ``out``."""
     from tqdm import tqdm
 
-    from gmcert.smoothing import Smoother
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = config.method_names()
     writers = {name: CertifyWriter(out / f"{name}.tsv") for name in names}
     todo = {name: [i for i, idx in enumerate(index) if int(idx) not in w.done] for name, w in writers.items()}
-    module = pipeline.torch_module()
     total = sum(len(t) for t in todo.values())
     with tqdm(total=total, desc="compare", unit="cert", disable=not progress) as bar:
         for name in names:
             # A fresh, seeded generator per method: rerunning one method alone gives the same rows.
-            smoother = Smoother(module, num_classes=len(pipeline.head.classes_), sigma=config.sigma,
-                                device=pipeline.device, seed=config.seed)
+            smoother = pipeline.smoother(config.sigma, config.seed)
             bar.set_postfix_str(name)
             for i in todo[name]:
                 # Per-input seeds: a resumed run draws the same noise as an uninterrupted one.

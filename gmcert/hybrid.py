@@ -73,8 +73,7 @@ class FallbackPolicy:
         if not cert.radius > needed:
             return True
         if self.mismatch_threshold is not None:
-            kl = self.kl_per_class.get(cert.prediction, self.kl_per_class.get(str(cert.prediction), math.inf))
-            return kl > self.mismatch_threshold
+            return self.kl_per_class.get(cert.prediction, math.inf) > self.mismatch_threshold
         return False
 
 
@@ -106,25 +105,17 @@ def iter_certify_hybrid(pipeline, X, policy: FallbackPolicy, method: str = "exac
     from gmcert.smoothing import HeadPrior
 
     certs = pipeline.certify(X, method=method, lipschitz=lipschitz, dataset_identity=dataset_identity)
-    classes = np.asarray(pipeline.head.classes_)
     smoother = None
     for i, cert in enumerate(certs):
         if policy.needs_smoothing(cert):
-            smoother = smoother or make_smoother(pipeline, policy)
+            smoother = smoother or pipeline.smoother(policy.sigma, policy.seed)
             smoother.reseed(policy.seed + int(seeds[i] if seeds is not None else i))
             start = time.perf_counter()
             cert = smoother.certify_sequential(
                 torch.as_tensor(np.asarray(X[i]), dtype=torch.float32), alpha=policy.alpha,
                 target_radius=policy.target_radius, max_samples=policy.max_samples,
                 max_radius=None if policy.target_radius else 4 * policy.sigma, prior=HeadPrior())
-            cert.prediction = int(classes[cert.prediction]) if cert.prediction != ABSTAIN else ABSTAIN
+            cert = pipeline.label_smoothed(cert)
             cert.time = time.perf_counter() - start
         yield cert
 
-
-def make_smoother(pipeline, policy: FallbackPolicy):
-    """The smoother whose base classifier is the pipeline itself (encoder, projection, head)."""
-    from gmcert.smoothing import Smoother
-
-    return Smoother(pipeline.torch_module(), num_classes=len(pipeline.head.classes_), sigma=policy.sigma,
-                    device=pipeline.device, seed=policy.seed)

@@ -21,7 +21,7 @@ import numpy as np
 
 from gmcert.errors import DataError, ModelFileError
 from gmcert.mixture import GaussianMixtureClassifier
-from gmcert.results import Certificate
+from gmcert.results import ABSTAIN, Certificate
 
 FORMAT = "gmcert-pipeline"
 FORMAT_VERSION = 1
@@ -231,6 +231,18 @@ class Pipeline:
                                      GaussianHead(self.head, dtype=dtype))
         # One device for all three parts (encode() may already have moved the encoder to CUDA).
         return module.to(torch.device(self.device) if self.device else default_device()).eval()
+
+    def smoother(self, sigma: float, seed: int = 0):
+        """A :class:`~gmcert.smoothing.Smoother` whose base classifier is this whole pipeline."""
+        from gmcert.smoothing import Smoother
+
+        return Smoother(self.torch_module(), num_classes=len(self.head.classes_), sigma=sigma, seed=seed)
+
+    def label_smoothed(self, cert):
+        """Turn a smoothing certificate's class index into this pipeline's label (in place)."""
+        if cert.prediction != ABSTAIN:
+            cert.prediction = int(self.head.classes_[cert.prediction])
+        return cert
 
     # -- files -----------------------------------------------------------------------------
     def save(self, path) -> None:
