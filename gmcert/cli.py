@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Cohen's n values, e.g. 1e3,1e4,1e5 (default 200: minutes on 2 CPU cores)")
     comp.add_argument("--n0", type=int, default=32, help="Cohen's selection draws (default 32)")
     comp.add_argument("--max-samples", type=int, default=300, help="sequential smoother budget per input (default 300)")
+    comp.add_argument("--radius-tol", type=float, default=0.03,
+                      help="sequential: stop once the radius is within this many sigma of what fixed-n CERTIFY "
+                           "with --max-samples draws would give (default 0.03)")
     comp.add_argument("--n-inputs", type=int, default=6, help="held-out inputs to certify (default 6)")
     comp.add_argument("--estimate", action="store_true", help="also show CLEVER-estimated GM radii (not sound)")
     comp.add_argument("--seed", type=int, default=0)
@@ -366,7 +369,8 @@ def cmd_compare(args) -> int:
     radii = args.radii if args.radii is not None else list(np.linspace(0, 2 * args.sigma, 9))
     config = CompareConfig(methods=[m.strip() for m in args.methods.split(",") if m.strip()], sigma=args.sigma,
                            alpha=args.alpha, radii=[float(r) for r in radii], cohen_n=cohen_n, n0=args.n0,
-                           max_samples=args.max_samples, estimate=args.estimate, seed=args.seed)
+                           max_samples=args.max_samples, radius_tol=args.radius_tol,
+                           estimate=args.estimate, seed=args.seed)
     pipeline = Pipeline.load(args.model, device=args.device, cache_dir=args.cache_dir or None)
     args.limit = None
     inputs, index = _certify_inputs(args, pipeline)

@@ -41,6 +41,7 @@ class CompareConfig:
     cohen_n: list = field(default_factory=lambda: [200])
     n0: int = 32
     max_samples: int = 300
+    radius_tol: float = 0.03  # sequential radius mode stops within this many sigma of fixed-n CERTIFY
     estimate: bool = False
     seed: int = 0
     batch_size: int = 250
@@ -58,6 +59,8 @@ class CompareConfig:
             raise DataError(f"radii must be finite and >= 0, got {bad or self.radii}")
         if any(int(n) < 1 for n in self.cohen_n) or self.n0 < 1 or self.max_samples < 1:
             raise DataError("cohen_n, n0 and max_samples must be positive")
+        if not (math.isfinite(self.radius_tol) and self.radius_tol > 0):
+            raise DataError(f"radius_tol must be a positive number (in units of sigma), got {self.radius_tol}")
 
     def method_names(self) -> list[str]:
         names = []
@@ -97,7 +100,8 @@ def _run_method(name, pipeline, smoother, x, config):
         from gmcert.smoothing import HeadPrior
 
         cert = smoother.certify_sequential(image, alpha=config.alpha, max_radius=2 * config.sigma,
-                                           max_samples=config.max_samples, prior=HeadPrior())
+                                           max_samples=config.max_samples, prior=HeadPrior(),
+                                           radius_tol=config.radius_tol * config.sigma)
     cert = pipeline.label_smoothed(cert)
     cert.time = time.perf_counter() - start
     return cert
@@ -109,6 +113,7 @@ def run_compare(pipeline, X, labels, index, out, config: CompareConfig, progress
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _claim_run_dir(out, config)
     names = config.method_names()
     writers = {name: CertifyWriter(out / f"{name}.tsv") for name in names}
     todo = {name: [i for i, idx in enumerate(index) if int(idx) not in w.done] for name, w in writers.items()}
@@ -126,6 +131,26 @@ def run_compare(pipeline, X, labels, index, out, config: CompareConfig, progress
                 bar.update(1)
     results = {name: writers[name].close() for name in names}
     return write_reports(results, out, config, pipeline)
+
+
+def _claim_run_dir(out: Path, config: CompareConfig):
+    """Record the settings in ``out/config.json``; refuse to resume a run made with other settings
+    (its rows would be mixed with rows that answer a different question)."""
+    import json
+
+    wanted = json.loads(json.dumps(asdict(config)))  # as it reads back from JSON
+    path = out / "config.json"
+    if path.exists():
+        try:
+            found = json.loads(path.read_text())
+        except ValueError:
+            raise DataError(f"{path} is not valid JSON; delete it or choose another --out") from None
+        changed = sorted(k for k in set(wanted) | set(found) if wanted.get(k) != found.get(k))
+        if changed:
+            raise DataError(f"{out} holds a compare run with other settings ({', '.join(changed)}); "
+                            f"rerun with the same settings to resume it, or choose another --out")
+    else:
+        write_json_atomic(path, wanted)
 
 
 def write_reports(results: dict, out: Path, config: CompareConfig, pipeline=None) -> dict:

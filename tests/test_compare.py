@@ -72,12 +72,37 @@ def test_resume_after_kill_gives_same_files(model, tmp_path, monkeypatch):
     (["--methods", "gm-exact,bogus"], "unknown method"),
     (["--radii", "0,-1"], "radii"),
     (["--sigma", "-0.5"], "sigma"),
+    (["--radius-tol", "0"], "radius_tol"),
 ])
 def test_compare_rejects_bad_arguments(model, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) if message == "radii" else _no_raise():
         code = _compare(model, tmp_path / "x", *args)
         assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_resume_refuses_other_settings(model, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _compare(model, out, "--methods", "sequential", "--n-inputs", "2") == 0
+    first = (out / "sequential.tsv").read_bytes()
+    assert _compare(model, out, "--methods", "sequential", "--n-inputs", "2", "--radius-tol", "0.1") == 2
+    assert "radius_tol" in capsys.readouterr().err
+    assert (out / "sequential.tsv").read_bytes() == first  # nothing appended
+
+
+def test_radius_tol_reaches_the_smoother(model, tmp_path, monkeypatch):
+    from gmcert.smoothing import Smoother
+
+    seen, original = [], Smoother.certify_sequential
+
+    def spy(self, x, **kwargs):
+        seen.append(kwargs["radius_tol"])
+        return original(self, x, **kwargs)
+
+    monkeypatch.setattr(Smoother, "certify_sequential", spy)
+    assert _compare(model, tmp_path / "t", "--methods", "sequential", "--n-inputs", "2",
+                    "--radius-tol", "0.05", "--sigma", "0.5") == 0
+    assert seen == [pytest.approx(0.025)] * 2
 
 
 class _no_raise:
