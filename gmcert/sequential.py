@@ -57,7 +57,8 @@ class StoppingRules:
     answer. Radius mode: ``max_radius`` once LCB >= Phi(max_radius / sigma); ``abstain`` once
     UCB < 1/2; ``radius_converged`` once the radius is within ``radius_tol`` of what fixed-n
     CERTIFY with ``max_samples`` draws would give at the current hit rate (abstaining counts as
-    radius 0), unless that projection reaches ``max_radius``. Both modes: ``max_samples``.
+    radius 0, and then the projection at an optimistic rate must be within tolerance too), unless
+    that projection reaches ``max_radius``. Both modes: ``max_samples``.
     """
 
     def __init__(self, alpha, sigma, max_radius=None, radius_tol=None, max_samples=100_000):
@@ -87,10 +88,26 @@ class StoppingRules:
             ref_radius, reachable = projection if projection is not None else self.project(hits / trials)
             now = np.maximum(self.sigma * ndtri(np.minimum(lower, self.cap_p)), 0.0)
             ref = np.maximum(np.minimum(ref_radius, self.cap), 0.0)
-            conditions = [lower >= self.cap_p, upper < 0.5, ~reachable & (ref - now <= self.tol)]
+            converged = ~reachable & (ref - now <= self.tol)
+            conditions = [lower >= self.cap_p, upper < 0.5, self._abstain_settled(converged, lower, hits, trials)]
             codes = [3, 4, 5]
         limit = self.max_samples if limit is None else limit
         return np.select(conditions + [trials >= limit], codes + [_MAX_SAMPLES], 0)
+
+
+    def _abstain_settled(self, converged, lower, hits, trials):
+        """``converged`` where it ends certified; where it would end abstaining (radius 0), only
+        if fixed-n CERTIFY would stay within tol even at an optimistic rate (estimate + 2 standard
+        errors), so that a few early draws cannot talk an input with a real radius into abstaining."""
+        converged, lower, hits, trials = np.broadcast_arrays(converged, lower, hits, trials)
+        abstaining = converged & (lower <= 0.5)
+        if not abstaining.any():
+            return converged
+        p_hat = hits[abstaining] / trials[abstaining]
+        optimistic = np.minimum(p_hat + 2.0 * np.sqrt(p_hat * (1.0 - p_hat) / trials[abstaining]), 1.0)
+        settled = converged.copy()
+        settled[abstaining] = self.project(optimistic)[0] <= self.tol
+        return settled
 
 
 def plan_alpha_weights(mu_z, var_z, looks, rules, threshold=None, floor=0.2, spread=3.0):

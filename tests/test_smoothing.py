@@ -232,6 +232,21 @@ def test_good_priors_cost_fewer_samples_than_wrong_ones(meta_prior):
     assert cost["meta"] < cost["uniform"]
 
 
+def test_radius_mode_does_not_abstain_on_a_few_early_draws():
+    # p_A = 0.6: fixed-n CERTIFY with 1e5 draws certifies radius ~0.24 sigma almost surely. With a
+    # low early hit rate the projection alone says "Cohen abstains too", which must not end the run.
+    rng = np.random.default_rng(7)
+    n_inputs = 400
+    result = run_sequential(lambda idx, chunk: rng.binomial(chunk, 0.6), (np.zeros(n_inputs), np.ones(n_inputs)),
+                            0.001, 1.0, max_radius=2.0, max_samples=100_000)
+    abstained = result["p_lower"] <= 0.5
+    assert abstained.mean() <= 0.01, result["reason"][abstained][:5]
+    # ...while an input at p_A = 0.5 (Cohen abstains) still stops well before max_samples
+    result = run_sequential(lambda idx, chunk: rng.binomial(chunk, 0.5), (np.zeros(50), np.ones(50)),
+                            0.001, 1.0, max_radius=2.0, max_samples=100_000)
+    assert np.median(result["trials"]) < 50_000
+
+
 def test_meta_prior_learns_the_probit_of_p_a(meta_prior):
     s = ThresholdSmoother(seed=5)
     x0 = np.linspace(0.2, 2.5, 50)[:, None]
