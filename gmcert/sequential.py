@@ -16,6 +16,15 @@ Then, with priors and stopping rules deciding cost only, never validity:
    * ``"mixture"``: the beta-binomial mixture martingale of ``stats.betabinomial_cs`` (Ville).
    A wrong prior moves alpha to the wrong looks or the mixture to the wrong place: it costs
    samples, never validity.
+4. Radius mode with ``final_share`` f > 0 (default 0.8): the CS above runs at level (1 - f) alpha.
+   Once its hit rate says fixed-n CERTIFY would not reach ``max_radius`` (even at an optimistic
+   rate) and a plan is affordable, the input gets one planned final look: n2 fresh draws, n2 a
+   function of the CS's draws only, and a one-sided Clopper-Pearson bound at level f alpha on
+   those n2 draws alone. Given the earlier draws, the fresh ones are i.i.d. Bernoulli(p_A), so
+   P(p_A < that bound) <= f alpha; with the CS's (1 - f) alpha the union is <= alpha. The final
+   p_lower is the larger of the two. A look planned from the data costs a few earlier draws that
+   the final bound does not use, and buys a single look at nearly the full alpha, where a CS must
+   spread alpha over every look at which it might stop.
 If p_lower > 1/2 then c_A is the smoothed prediction and no perturbation of L2 norm below
 sigma * Phi^-1(p_lower) changes it (Cohen et al., Theorem 1).
 """
@@ -31,8 +40,11 @@ from gmcert.errors import DataError
 
 #: stop_reason values; "" (index 0) marks an input still being counted.
 STOP_REASONS = ("", "target_certified", "target_out_of_reach", "max_radius", "abstain",
-                "radius_converged", "max_samples", "undecided", "fixed_n", "target_unreachable")
-_MAX_SAMPLES, _UNDECIDED = 6, 7
+                "radius_converged", "max_samples", "undecided", "fixed_n", "target_unreachable",
+                "radius_planned")
+_MAX_SAMPLES, _UNDECIDED, _PLANNED = 6, 7, 10
+#: A final look is planned once it needs at most this many times the draws counted so far.
+_PLAN_RATIO = 20.0
 
 
 def look_schedule(first_check=32, growth=1.1, max_samples=100_000):
@@ -95,6 +107,26 @@ class StoppingRules:
         return np.select(conditions + [trials >= limit], codes + [_MAX_SAMPLES], 0)
 
 
+    def plan_final(self, hits, trials, level, limit):
+        """Draws n2 (N,) of a planned final look at ``level``, 0 where none is planned yet.
+
+        Planned where the hit rate is over 1/2, fixed-n CERTIFY at rate + 2 standard errors stays
+        below ``max_radius``, its radius at the current rate exceeds 2 tol, and the look, sized with
+        Wilson bounds (planning only) to land within tol of that radius, needs at most
+        ``_PLAN_RATIO`` times the draws so far. Capped at ``limit - trials``.
+        """
+        p_hat = hits / trials
+        optimistic = np.minimum(p_hat + 2.0 * np.sqrt(p_hat * (1.0 - p_hat) / trials), 1.0)
+        ref, _ = self.project(p_hat)
+        _, reachable = self.project(optimistic)
+        goal = ndtr(np.maximum(ref - self.tol, 0.0) / self.sigma)  # p_lower that lands within tol
+        sizes = np.unique(np.round(np.geomspace(16, self.max_samples, 400)))
+        lower, _ = stats.wilson_interval(p_hat[:, None], sizes, -ndtri(level))
+        enough = lower >= goal[:, None]
+        n2 = np.where(enough.any(axis=1), sizes[np.argmax(enough, axis=1)], np.inf)
+        plan = (p_hat > 0.5) & ~reachable & (ref > 2.0 * self.tol) & (n2 <= _PLAN_RATIO * trials)
+        return np.where(plan, np.maximum(np.minimum(n2, limit - trials), 0.0), 0.0)
+
     def _abstain_settled(self, converged, lower, hits, trials):
         """``converged`` where it ends certified; where it would end abstaining (radius 0), only
         if fixed-n CERTIFY would stay within tol even at an optimistic rate (estimate + 2 standard
@@ -146,7 +178,7 @@ def plan_alpha_weights(mu_z, var_z, looks, rules, threshold=None, floor=0.2, spr
 def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", prior_ab=None,
                    target_radii=None, max_radius=None, radius_tol=None, max_samples=100_000,
                    counted_limit=None, budget=None, first_check=32, growth=1.1, progress=False,
-                   plan_weights=None):
+                   plan_weights=None, final_share=0.8):
     """Anytime-valid sequential certification of many inputs at once (pure numpy core).
 
     Parameters
@@ -174,6 +206,9 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
         chunk cheapest-to-decide first; those left open when it runs out end ``undecided``.
     first_check, growth :
         Look schedule (``look_schedule``).
+    final_share : float in [0, 1)
+        Radius mode only: share of alpha kept for a planned final look (module docstring, fact
+        4); 0 turns it off. Inputs that end there stop with reason ``radius_planned``.
     plan_weights : callable or None
         Alpha-spending planner with the signature of ``plan_alpha_weights`` (the default). A
         hook for callers (``Smoother.certify_batch`` passes the one it sees, so tests can swap
@@ -205,7 +240,12 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
         a, b = np.broadcast_to(a, (n_inputs,)), np.broadcast_to(b, (n_inputs,))
     else:
         raise DataError(f"sequence must be 'spending' or 'mixture', got {sequence!r}")
+    if not 0.0 <= final_share < 1.0:
+        raise DataError(f"final_share must lie in [0, 1), got {final_share}")
+    final_share = final_share if threshold is None else 0.0
+    cs_alpha, final_alpha = alpha * (1.0 - final_share), alpha * final_share  # fact 4
     hits, trials = np.zeros(n_inputs), np.zeros(n_inputs)
+    final = np.zeros(n_inputs)  # draws of the planned final look, 0 while none is planned
     lcb, ucb = np.zeros(n_inputs), np.ones(n_inputs)
     code, look = np.zeros(n_inputs, dtype=int), np.full(n_inputs, -1)
     budget_left = np.inf if budget is None else float(budget)
@@ -213,7 +253,8 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
 
     with tqdm(total=n_inputs, disable=not progress, desc="certified", unit="input") as bar:
         while (open_ := np.flatnonzero(code == 0)).size:
-            chunk = np.minimum(looks[look[open_] + 1], limit[open_]) - trials[open_]
+            chunk = np.where(final[open_] > 0, final[open_],
+                             np.minimum(looks[look[open_] + 1], limit[open_]) - trials[open_])
             if budget is not None:  # triage: cheapest decisions first, as far as the budget goes
                 order = np.argsort(_remaining_cost(hits[open_], trials[open_], rules, threshold,
                                                    open_), kind="stable")
@@ -223,21 +264,36 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
                     break
                 open_, chunk = open_[order][keep], chunk[order][keep]
                 budget_left -= chunk.sum()
-            hits[open_] += np.asarray(count_hits(open_, chunk.astype(np.int64)), dtype=np.float64)
-            look[open_] += 1  # the look index, not the sample size, carries the spending weight
+            new_hits = np.asarray(count_hits(open_, chunk.astype(np.int64)), dtype=np.float64)
             trials[open_] += chunk
+            ends = final[open_] > 0
+            if ends.any():  # the planned final look: its own fresh draws only, at final_alpha
+                done = open_[ends]
+                lo = stats.clopper_pearson_lower(new_hits[ends], chunk[ends], final_alpha)
+                lcb[done] = np.maximum(lcb[done], lo)
+                hits[done] += new_hits[ends]
+                code[done] = np.where(lcb[done] >= rules.cap_p, 3, _PLANNED)
+                bar.update(len(done))
+                open_, new_hits = open_[~ends], new_hits[~ends]
+                if not open_.size:
+                    continue
+            hits[open_] += new_hits
+            look[open_] += 1  # the look index, not the sample size, carries the spending weight
             if sequence == "spending":
-                level = alpha * weights[open_, look[open_]]
+                level = cs_alpha * weights[open_, look[open_]]
                 lo = stats.clopper_pearson_lower(hits[open_], trials[open_], level)
                 hi = stats.clopper_pearson_upper(hits[open_], trials[open_], level)
             else:
-                lo, hi = stats.betabinomial_cs(hits[open_], trials[open_], alpha, a[open_], b[open_])
+                lo, hi = stats.betabinomial_cs(hits[open_], trials[open_], cs_alpha, a[open_], b[open_])
             lcb[open_] = np.maximum(lcb[open_], lo)  # running max/min: the CS covers every look
             ucb[open_] = np.minimum(ucb[open_], hi)
             code[open_] = rules.decide(hits[open_], trials[open_], lcb[open_], ucb[open_],
                                        None if threshold is None else threshold[open_],
                                        limit=limit[open_])
             bar.update(int(np.count_nonzero(code[open_])))
+            if final_share > 0:
+                going = open_[code[open_] == 0]
+                final[going] = rules.plan_final(hits[going], trials[going], final_alpha, limit[going])
     return {"hits": hits, "trials": trials, "p_lower": lcb, "p_upper": ucb,
             "reason": np.asarray(STOP_REASONS, dtype=object)[code]}
 

@@ -234,26 +234,28 @@ class Smoother:
 
     def certify_sequential(self, x, alpha=0.001, target_radius=None, max_radius=None,
                            max_samples=100_000, radius_tol=None, prior=None, n_pilot=32,
-                           sequence="spending", first_check=32, growth=1.1):
+                           sequence="spending", first_check=32, growth=1.1, final_share=0.8):
         """Anytime-valid certification of one input (``certify_batch`` with one row, no budget)."""
         return self.certify_batch(
             self._as_batch(x, single=True), target_radius, None, alpha, max_radius=max_radius,
             max_samples=max_samples, radius_tol=radius_tol, prior=prior, n_pilot=n_pilot,
-            sequence=sequence, first_check=first_check, growth=growth)[0]
+            sequence=sequence, first_check=first_check, growth=growth, final_share=final_share)[0]
 
     def certify_batch(self, X, target_radii=None, budget=None, alpha=0.001, max_radius=None,
                       max_samples=100_000, radius_tol=None, prior=None, n_pilot=32,
-                      sequence="spending", first_check=32, growth=1.1, progress=False):
+                      sequence="spending", first_check=32, growth=1.1, progress=False, final_share=0.8):
         """Certify inputs X (N, ...) with confidence sequences, optionally under one budget.
 
         Each input first gets ``n_pilot`` pilot draws (class selection and ``prior``, default
         ``UniformPrior()``; they count in ``samples`` but never in the CS; see ``_select``).
         ``max_samples`` bounds every input's model evaluations, pilot included, and is the n of
         the fixed-n certificate that ``radius_tol`` refers to.
-        Counting then follows ``run_sequential``: radius mode (``target_radii=None``, radii capped at ``max_radius``)
-        or target mode. With a ``budget`` (all model evaluations, pilots included) open inputs
-        are served cheapest-to-decide first and those left open end ``undecided``; their radii
-        are still valid, only smaller than they could have been.
+        Counting then follows ``run_sequential``: radius mode (``target_radii=None``, radii
+        capped at ``max_radius``) or target mode. In radius mode ``final_share`` of alpha is kept
+        for one planned final look (``gmcert.sequential``, fact 4; 0 turns it off). With a
+        ``budget`` (all model evaluations, pilots included) open inputs are served
+        cheapest-to-decide first and those left open end ``undecided``; their radii are still
+        valid, only smaller than they could have been.
 
         Returns
         -------
@@ -276,7 +278,7 @@ class Smoother:
             alpha, self.sigma, sequence=sequence, prior_ab=prior_ab, target_radii=target_radii,
             max_radius=max_radius, radius_tol=radius_tol,
             max_samples=max_samples, counted_limit=max_samples - pilot_samples, budget=counted_budget,
-            first_check=first_check, growth=growth, progress=progress,
+            first_check=first_check, growth=growth, progress=progress, final_share=final_share,
             plan_weights=plan_alpha_weights)  # looked up here, so patching smoothing's name works
         cap = np.inf if max_radius is None else float(max_radius)
         elapsed = (time.perf_counter() - start) / len(X)

@@ -164,7 +164,7 @@ def test_radius_mode_is_valid_for_every_prior(sequence, prior_name, meta_prior):
                             prior=make_prior(prior_name, meta_prior), sequence=sequence)
     assert_rate_at_most_alpha(false_certificates(certs, x0[:, 0]))
     reasons = {c.stop_reason for c in certs}
-    every_rule = {"max_radius", "abstain", "radius_converged", "max_samples"}
+    every_rule = {"max_radius", "abstain", "radius_converged", "max_samples", "radius_planned"}
     # A confident wrong mixture prior may never let the upper bound fall below 1/2 within
     # max_samples (costly, still valid); otherwise every radius-mode rule fires on these inputs.
     assert reasons == every_rule or (prior_name.startswith("wrong") and reasons < every_rule)
@@ -174,6 +174,29 @@ def test_radius_mode_is_valid_for_every_prior(sequence, prior_name, meta_prior):
     pilot_draws = np.array([c.samples - c.extra["counted"] for c in certs])
     assert set(pilot_draws) == {32, 128}  # near-ties get the 4x longer pilot
     assert np.all(pilot_draws[np.abs(x0[:, 0]) > 2.0] == 32)
+
+
+def test_planned_final_look_is_valid_and_cheaper():
+    # Inputs whose radius sits inside (0, max_radius): where radius mode plans a final look.
+    rng = np.random.default_rng(12)
+    x0 = (rng.uniform(0.1, 1.6, N_INPUTS) * rng.choice([-1.0, 1.0], N_INPUTS))[:, None]
+    planned = ThresholdSmoother(seed=13).certify_batch(x0, alpha=ALPHA, max_radius=2.0, max_samples=20_000,
+                                                       radius_tol=0.02)
+    ended = np.array([c.stop_reason == "radius_planned" for c in planned])
+    assert ended.mean() > 0.5
+    assert_rate_at_most_alpha(false_certificates(planned, x0[:, 0]))
+    assert_rate_at_most_alpha(false_certificates([c for c, e in zip(planned, ended) if e], x0[ended, 0]),
+                              int(ended.sum()))
+    # The look sits at nearly the full alpha: the radius lands close to fixed-n CERTIFY's ...
+    p_a = ndtr(np.abs(x0[ended, 0]))
+    counted = np.array([c.extra["counted"] for c in planned])[ended]
+    radius = np.array([c.radius for c in planned])[ended]
+    cohen = np.array([ndtr_inverse(clopper_pearson_lower(round(p * 20_000), 20_000, ALPHA)) for p in p_a])
+    assert np.mean(cohen - radius) < 0.03
+    # ... for fewer draws than the confidence sequence alone spends on the same inputs.
+    alone = ThresholdSmoother(seed=13).certify_batch(x0[ended], alpha=ALPHA, max_radius=2.0,
+                                                     max_samples=20_000, radius_tol=0.02, final_share=0.0)
+    assert np.mean(counted) < 0.9 * np.mean([c.extra["counted"] for c in alone])
 
 
 @pytest.mark.parametrize("sequence,prior_name", [("spending", "uniform"), ("spending", "head"),
