@@ -121,7 +121,7 @@ class StoppingRules:
         _, reachable = self.project(optimistic)
         goal = ndtr(np.maximum(ref - self.tol, 0.0) / self.sigma)  # p_lower that lands within tol
         sizes = np.unique(np.round(np.geomspace(16, self.max_samples, 400)))
-        lower, _ = stats.wilson_interval(p_hat[:, None], sizes, -ndtri(level))
+        lower, _ = stats.wilson_interval(p_hat[:, None], sizes, -ndtri(np.asarray(level))[..., None])
         enough = lower >= goal[:, None]
         n2 = np.where(enough.any(axis=1), sizes[np.argmax(enough, axis=1)], np.inf)
         plan = (p_hat > 0.5) & ~reachable & (ref > 2.0 * self.tol) & (n2 <= _PLAN_RATIO * trials)
@@ -206,9 +206,9 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
         chunk cheapest-to-decide first; those left open when it runs out end ``undecided``.
     first_check, growth :
         Look schedule (``look_schedule``).
-    final_share : float in [0, 1)
+    final_share : float or array_like (N,), in [0, 1)
         Radius mode only: share of alpha kept for a planned final look (module docstring, fact
-        4); 0 turns it off. Inputs that end there stop with reason ``radius_planned``.
+        4); 0 turns it off. Per input it may depend on the pilot, never on counted draws. Inputs that end there stop with reason ``radius_planned``.
     plan_weights : callable or None
         Alpha-spending planner with the signature of ``plan_alpha_weights`` (the default). A
         hook for callers (``Smoother.certify_batch`` passes the one it sees, so tests can swap
@@ -240,9 +240,10 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
         a, b = np.broadcast_to(a, (n_inputs,)), np.broadcast_to(b, (n_inputs,))
     else:
         raise DataError(f"sequence must be 'spending' or 'mixture', got {sequence!r}")
-    if not 0.0 <= final_share < 1.0:
-        raise DataError(f"final_share must lie in [0, 1), got {final_share}")
-    final_share = final_share if threshold is None else 0.0
+    final_share = np.broadcast_to(np.asarray(final_share, dtype=np.float64), (n_inputs,))
+    if np.any(~(final_share >= 0.0) | ~(final_share < 1.0)):
+        raise DataError("final_share must lie in [0, 1)")
+    final_share = final_share if threshold is None else np.zeros(n_inputs)
     cs_alpha, final_alpha = alpha * (1.0 - final_share), alpha * final_share  # fact 4
     hits, trials = np.zeros(n_inputs), np.zeros(n_inputs)
     final = np.zeros(n_inputs)  # draws of the planned final look, 0 while none is planned
@@ -269,7 +270,7 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
             ends = final[open_] > 0
             if ends.any():  # the planned final look: its own fresh draws only, at final_alpha
                 done = open_[ends]
-                lo = stats.clopper_pearson_lower(new_hits[ends], chunk[ends], final_alpha)
+                lo = stats.clopper_pearson_lower(new_hits[ends], chunk[ends], final_alpha[done])
                 lcb[done] = np.maximum(lcb[done], lo)
                 hits[done] += new_hits[ends]
                 code[done] = np.where(lcb[done] >= rules.cap_p, 3, _PLANNED)
@@ -280,20 +281,20 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
             hits[open_] += new_hits
             look[open_] += 1  # the look index, not the sample size, carries the spending weight
             if sequence == "spending":
-                level = cs_alpha * weights[open_, look[open_]]
+                level = cs_alpha[open_] * weights[open_, look[open_]]
                 lo = stats.clopper_pearson_lower(hits[open_], trials[open_], level)
                 hi = stats.clopper_pearson_upper(hits[open_], trials[open_], level)
             else:
-                lo, hi = stats.betabinomial_cs(hits[open_], trials[open_], cs_alpha, a[open_], b[open_])
+                lo, hi = stats.betabinomial_cs(hits[open_], trials[open_], cs_alpha[open_], a[open_], b[open_])
             lcb[open_] = np.maximum(lcb[open_], lo)  # running max/min: the CS covers every look
             ucb[open_] = np.minimum(ucb[open_], hi)
             code[open_] = rules.decide(hits[open_], trials[open_], lcb[open_], ucb[open_],
                                        None if threshold is None else threshold[open_],
                                        limit=limit[open_])
             bar.update(int(np.count_nonzero(code[open_])))
-            if final_share > 0:
-                going = open_[code[open_] == 0]
-                final[going] = rules.plan_final(hits[going], trials[going], final_alpha, limit[going])
+            going = open_[(code[open_] == 0) & (final_share[open_] > 0)]
+            if going.size:
+                final[going] = rules.plan_final(hits[going], trials[going], final_alpha[going], limit[going])
     return {"hits": hits, "trials": trials, "p_lower": lcb, "p_upper": ucb,
             "reason": np.asarray(STOP_REASONS, dtype=object)[code]}
 
