@@ -92,7 +92,7 @@ class StoppingRules:
         (default ``max_samples``)."""
         if threshold is not None:
             p_hat = hits / trials
-            optimistic = np.minimum(p_hat + 2.0 * np.sqrt(p_hat * (1.0 - p_hat) / trials), 1.0)
+            optimistic = _optimistic(p_hat, trials)
             fixed_n_lower, _ = stats.wilson_interval(optimistic, self.max_samples, self._z_fixed_n)
             conditions = [lower >= threshold, upper < threshold, fixed_n_lower < threshold]
             codes = [1, 2, 9]
@@ -116,7 +116,7 @@ class StoppingRules:
         ``_PLAN_RATIO`` times the draws so far. Capped at ``limit - trials``.
         """
         p_hat = hits / trials
-        optimistic = np.minimum(p_hat + 2.0 * np.sqrt(p_hat * (1.0 - p_hat) / trials), 1.0)
+        optimistic = _optimistic(p_hat, trials)
         ref, _ = self.project(p_hat)
         _, reachable = self.project(optimistic)
         goal = ndtr(np.maximum(ref - self.tol, 0.0) / self.sigma)  # p_lower that lands within tol
@@ -136,10 +136,14 @@ class StoppingRules:
         if not abstaining.any():
             return converged
         p_hat = hits[abstaining] / trials[abstaining]
-        optimistic = np.minimum(p_hat + 2.0 * np.sqrt(p_hat * (1.0 - p_hat) / trials[abstaining]), 1.0)
         settled = converged.copy()
-        settled[abstaining] = self.project(optimistic)[0] <= self.tol
+        settled[abstaining] = self.project(_optimistic(p_hat, trials[abstaining]))[0] <= self.tol
         return settled
+
+
+def _optimistic(p_hat, trials):
+    """An optimistic hit rate for planning and stopping (never for a bound): estimate + 2 SE."""
+    return np.minimum(p_hat + 2.0 * np.sqrt(p_hat * (1.0 - p_hat) / trials), 1.0)
 
 
 def plan_alpha_weights(mu_z, var_z, looks, rules, threshold=None, floor=0.2, spread=3.0):
