@@ -44,7 +44,7 @@ STOP_REASONS = ("", "target_certified", "target_out_of_reach", "max_radius", "ab
                 "radius_planned")
 _MAX_SAMPLES, _UNDECIDED, _PLANNED = 6, 7, 10
 #: A final look is planned once it needs at most this many times the draws counted so far.
-_PLAN_RATIO = 20.0
+_PLAN_RATIO = 32.0
 
 
 def look_schedule(first_check=32, growth=1.1, max_samples=100_000):
