@@ -13,6 +13,7 @@ resumable row by row; the run writes ``summary.json`` (seeds, versions, configur
 """
 from __future__ import annotations
 
+import json
 import math
 import platform
 import time
@@ -136,8 +137,6 @@ def run_compare(pipeline, X, labels, index, out, config: CompareConfig, progress
 def _claim_run_dir(out: Path, config: CompareConfig):
     """Record the settings in ``out/config.json``; refuse to resume a run made with other settings
     (its rows would be mixed with rows that answer a different question)."""
-    import json
-
     wanted = json.loads(json.dumps(asdict(config)))  # as it reads back from JSON
     path = out / "config.json"
     if path.exists():

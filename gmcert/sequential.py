@@ -79,6 +79,7 @@ class StoppingRules:
         self.cap_p = ndtr(self.cap / sigma)
         self.tol = 0.03 * sigma if radius_tol is None else float(radius_tol)
         self._z_fixed_n = -ndtri(alpha)
+        self._plan_sizes = np.unique(np.round(np.geomspace(16, max_samples, 400)))  # final-look sizes
 
     def project(self, p_hat):
         """(radius, reaches max_radius) of fixed-n CERTIFY with max_samples draws at rate p_hat."""
@@ -106,24 +107,21 @@ class StoppingRules:
         limit = self.max_samples if limit is None else limit
         return np.select(conditions + [trials >= limit], codes + [_MAX_SAMPLES], 0)
 
-
-    def plan_final(self, hits, trials, level, limit):
-        """Draws n2 (N,) of a planned final look at ``level``, 0 where none is planned yet.
+    def plan_final(self, hits, trials, level, limit, ref_radius):
+        """Draws n2 (N,) of a planned final look at ``level``, 0 where none is planned yet;
+        ``ref_radius``: ``project(hits / trials)[0]``, as ``decide`` already computed it.
 
         Planned where the hit rate is over 1/2, fixed-n CERTIFY at rate + 2 standard errors stays
         below ``max_radius``, its radius at the current rate exceeds 2 tol, and the look, sized with
         Wilson bounds (planning only) to land within tol of that radius, needs at most
         ``_PLAN_RATIO`` times the draws so far. Capped at ``limit - trials``.
         """
-        p_hat = hits / trials
-        optimistic = _optimistic(p_hat, trials)
-        ref, _ = self.project(p_hat)
-        _, reachable = self.project(optimistic)
+        p_hat, ref = hits / trials, ref_radius
+        _, reachable = self.project(_optimistic(p_hat, trials))
         goal = ndtr(np.maximum(ref - self.tol, 0.0) / self.sigma)  # p_lower that lands within tol
-        sizes = np.unique(np.round(np.geomspace(16, self.max_samples, 400)))
-        lower, _ = stats.wilson_interval(p_hat[:, None], sizes, -ndtri(np.asarray(level))[..., None])
+        lower, _ = stats.wilson_interval(p_hat[:, None], self._plan_sizes, -ndtri(np.asarray(level))[..., None])
         enough = lower >= goal[:, None]
-        n2 = np.where(enough.any(axis=1), sizes[np.argmax(enough, axis=1)], np.inf)
+        n2 = np.where(enough.any(axis=1), self._plan_sizes[np.argmax(enough, axis=1)], np.inf)
         plan = (p_hat > 0.5) & ~reachable & (ref > 2.0 * self.tol) & (n2 <= _PLAN_RATIO * trials)
         return np.where(plan, np.maximum(np.minimum(n2, limit - trials), 0.0), 0.0)
 
@@ -212,7 +210,8 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
         Look schedule (``look_schedule``).
     final_share : float or array_like (N,), in [0, 1)
         Radius mode only: share of alpha kept for a planned final look (module docstring, fact
-        4); 0 turns it off. Per input it may depend on the pilot, never on counted draws. Inputs that end there stop with reason ``radius_planned``.
+        4); 0 turns it off. Per input it may depend on the pilot, never on counted draws.
+        Inputs that end there stop with reason ``radius_planned``.
     plan_weights : callable or None
         Alpha-spending planner with the signature of ``plan_alpha_weights`` (the default). A
         hook for callers (``Smoother.certify_batch`` passes the one it sees, so tests can swap
@@ -292,13 +291,17 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
                 lo, hi = stats.betabinomial_cs(hits[open_], trials[open_], cs_alpha[open_], a[open_], b[open_])
             lcb[open_] = np.maximum(lcb[open_], lo)  # running max/min: the CS covers every look
             ucb[open_] = np.minimum(ucb[open_], hi)
+            # one fixed-n projection per round, for the stopping rules and the final-look plan
+            projection = None if threshold is not None else rules.project(hits[open_] / trials[open_])
             code[open_] = rules.decide(hits[open_], trials[open_], lcb[open_], ucb[open_],
                                        None if threshold is None else threshold[open_],
-                                       limit=limit[open_])
+                                       projection=projection, limit=limit[open_])
             bar.update(int(np.count_nonzero(code[open_])))
-            going = open_[(code[open_] == 0) & (final_share[open_] > 0)]
-            if going.size:
-                final[going] = rules.plan_final(hits[going], trials[going], final_alpha[going], limit[going])
+            plan = (code[open_] == 0) & (final_share[open_] > 0)
+            if plan.any():
+                going = open_[plan]
+                final[going] = rules.plan_final(hits[going], trials[going], final_alpha[going],
+                                                limit[going], projection[0][plan])
     return {"hits": hits, "trials": trials, "p_lower": lcb, "p_upper": ucb,
             "reason": np.asarray(STOP_REASONS, dtype=object)[code]}
 

@@ -13,7 +13,7 @@ the same base classifier in the same run:
 Radii are compared capped at 2 sigma (what radius mode is asked for); Cohen's uncapped ACR is
 printed too. The gap to Cohen moves by about half a point between seeds, so ``--repeats`` reruns
 the head-prior rows with fresh seeds and prints each run. Usage:
-``python scripts/bench_smoothing.py`` (all 539 test inputs, about 10 minutes on 2 cores).
+``python scripts/bench_smoothing.py`` (all 540 test inputs, about 6 minutes on 2 cores).
 """
 from __future__ import annotations
 
