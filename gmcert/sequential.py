@@ -45,6 +45,8 @@ STOP_REASONS = ("", "target_certified", "target_out_of_reach", "max_radius", "ab
 _MAX_SAMPLES, _UNDECIDED, _PLANNED = 6, 7, 10
 #: A final look is planned once it needs at most this many times the draws counted so far.
 _PLAN_RATIO = 32.0
+#: Target-mode futility: predictive standard deviations of optimism (``StoppingRules``).
+_FUTILITY_Z = 2.0
 
 
 def look_schedule(first_check=32, growth=1.1, max_samples=100_000):
@@ -63,10 +65,15 @@ class StoppingRules:
     """When an input stops counting. Rules decide cost, never validity (module docstring).
 
     Target mode (threshold = Phi(target / sigma) given): ``target_certified`` once
-    LCB >= threshold; ``target_out_of_reach`` once UCB < threshold; ``target_unreachable`` once
-    fixed-n CERTIFY with ``max_samples`` draws would not certify the target even at an
-    optimistic hit rate (estimate + 2 standard errors), so further draws would not change the
-    answer. Radius mode: ``max_radius`` once LCB >= Phi(max_radius / sigma); ``abstain`` once
+    LCB >= threshold; ``target_out_of_reach`` once UCB < threshold; ``max_samples`` once the
+    draws allowed are used up; ``target_unreachable`` (futility) before that, once the run's own
+    bound at its last allowed draw (``z_final``, default fixed-n CERTIFY's) would stay below the
+    threshold even if the draws still to come lifted the final hit rate ``_FUTILITY_Z`` (2)
+    predictive standard deviations above the estimate. That spread,
+    sqrt(p (1 - p) (limit - t) / (t limit)), shrinks as the draws left run out, so an input whose
+    certificate is out of this run's reach stops long before its last draw (a conditional-power
+    rule, as in group-sequential trials). Radius mode: ``max_radius`` once
+    LCB >= Phi(max_radius / sigma); ``abstain`` once
     UCB < 1/2; ``radius_converged`` once the radius is within ``radius_tol`` of what fixed-n
     CERTIFY with ``max_samples`` draws would give at the current hit rate (abstaining counts as
     radius 0, and then the projection at an optimistic rate must be within tolerance too), unless
@@ -87,16 +94,22 @@ class StoppingRules:
         p_lower = stats.clopper_pearson_lower(np.round(np.asarray(p_hat) * n), n, self.alpha)
         return self.sigma * ndtri(p_lower), p_lower >= self.cap_p
 
-    def decide(self, hits, trials, lower, upper, threshold=None, projection=None, limit=None):
+    def decide(self, hits, trials, lower, upper, threshold=None, projection=None, limit=None,
+               z_final=None):
         """Index into STOP_REASONS (0: go on), broadcast over all arguments; ``projection``:
         ``project(hits / trials)`` if already computed; ``limit``: counted draws allowed
-        (default ``max_samples``)."""
+        (default ``max_samples``); ``z_final``: target mode, the z-score of the run's bound at
+        its last allowed draw (default: fixed-n CERTIFY's, ``-ndtri(alpha)``)."""
+        limit = self.max_samples if limit is None else limit
         if threshold is not None:
             p_hat = hits / trials
-            optimistic = _optimistic(p_hat, trials)
-            fixed_n_lower, _ = stats.wilson_interval(optimistic, self.max_samples, self._z_fixed_n)
-            conditions = [lower >= threshold, upper < threshold, fixed_n_lower < threshold]
-            codes = [1, 2, 9]
+            spread = np.maximum(p_hat * (1.0 - p_hat), 1.0 / trials) * np.maximum(limit - trials, 0.0)
+            hopeful = np.minimum(p_hat + _FUTILITY_Z * np.sqrt(spread / (trials * limit)), 1.0)
+            z_last = self._z_fixed_n if z_final is None else np.maximum(z_final, self._z_fixed_n)
+            final_lower, _ = stats.wilson_interval(hopeful, limit, z_last)
+            # a run that has used all its draws ends max_samples, not futile
+            conditions = [lower >= threshold, upper < threshold, trials >= limit, final_lower < threshold]
+            codes = [1, 2, _MAX_SAMPLES, 9]
         else:
             ref_radius, reachable = projection if projection is not None else self.project(hits / trials)
             now = np.maximum(self.sigma * ndtri(np.minimum(lower, self.cap_p)), 0.0)
@@ -104,7 +117,6 @@ class StoppingRules:
             converged = ~reachable & (ref - now <= self.tol)
             conditions = [lower >= self.cap_p, upper < 0.5, self._abstain_settled(converged, lower, hits, trials)]
             codes = [3, 4, 5]
-        limit = self.max_samples if limit is None else limit
         return np.select(conditions + [trials >= limit], codes + [_MAX_SAMPLES], 0)
 
     def plan_final(self, hits, trials, level, limit, ref_radius):
@@ -243,6 +255,9 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
         a, b = np.broadcast_to(a, (n_inputs,)), np.broadcast_to(b, (n_inputs,))
     else:
         raise DataError(f"sequence must be 'spending' or 'mixture', got {sequence!r}")
+    z_final = None if threshold is None else _last_look_z(
+        looks, limit, alpha, threshold, weights if sequence == "spending" else None,
+        None if sequence == "spending" else (a, b))
     final_share = np.broadcast_to(np.asarray(final_share, dtype=np.float64), (n_inputs,))
     if np.any(~(final_share >= 0.0) | ~(final_share < 1.0)):
         raise DataError("final_share must lie in [0, 1)")
@@ -295,7 +310,8 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
             projection = None if threshold is not None else rules.project(hits[open_] / trials[open_])
             code[open_] = rules.decide(hits[open_], trials[open_], lcb[open_], ucb[open_],
                                        None if threshold is None else threshold[open_],
-                                       projection=projection, limit=limit[open_])
+                                       projection=projection, limit=limit[open_],
+                                       z_final=None if z_final is None else z_final[open_])
             bar.update(int(np.count_nonzero(code[open_])))
             plan = (code[open_] == 0) & (final_share[open_] > 0)
             if plan.any():
@@ -304,6 +320,17 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
                                                 limit[going], projection[0][plan])
     return {"hits": hits, "trials": trials, "p_lower": lcb, "p_upper": ucb,
             "reason": np.asarray(STOP_REASONS, dtype=object)[code]}
+
+
+def _last_look_z(looks, limit, alpha, threshold, weights=None, prior_ab=None):
+    """Target mode, futility rule only: the z-score (N,) of each input's CS bound at its last
+    allowed draw ``limit``: from the spending weight of that look, or, for the mixture, from its
+    bound at hit rate = threshold (a planning approximation; it decides cost, never validity)."""
+    if weights is not None:
+        last = np.minimum(np.searchsorted(looks, limit, side="left"), len(looks) - 1)
+        return -ndtri(alpha * weights[np.arange(len(limit)), last])
+    lower, _ = stats.betabinomial_cs(threshold * limit, limit, alpha, *prior_ab)
+    return (threshold - lower) / np.sqrt(np.maximum(threshold * (1.0 - threshold), 1e-12) / limit)
 
 
 def _remaining_cost(hits, trials, rules, threshold, idx):
