@@ -45,6 +45,8 @@ STOP_REASONS = ("", "target_certified", "target_out_of_reach", "max_radius", "ab
 _MAX_SAMPLES, _UNDECIDED, _PLANNED = 6, 7, 10
 #: A final look is planned once it needs at most this many times the draws counted so far.
 _PLAN_RATIO = 32.0
+#: Range (in sigma) of the per-input radius tolerances that ``ca_tol`` sets.
+_CA_TOL_RANGE = (0.015, 0.25)
 #: Target-mode futility: predictive standard deviations of optimism (``StoppingRules``).
 _FUTILITY_Z = 2.0
 
@@ -95,11 +97,12 @@ class StoppingRules:
         return self.sigma * ndtri(p_lower), p_lower >= self.cap_p
 
     def decide(self, hits, trials, lower, upper, threshold=None, projection=None, limit=None,
-               z_final=None):
+               z_final=None, tol=None):
         """Index into STOP_REASONS (0: go on), broadcast over all arguments; ``projection``:
         ``project(hits / trials)`` if already computed; ``limit``: counted draws allowed
         (default ``max_samples``); ``z_final``: target mode, the z-score of the run's bound at
-        its last allowed draw (default: fixed-n CERTIFY's, ``-ndtri(alpha)``)."""
+        its last allowed draw (default: fixed-n CERTIFY's, ``-ndtri(alpha)``); ``tol``: radius
+        tolerance per input (default ``radius_tol``)."""
         limit = self.max_samples if limit is None else limit
         if threshold is not None:
             p_hat = hits / trials
@@ -114,40 +117,43 @@ class StoppingRules:
             ref_radius, reachable = projection if projection is not None else self.project(hits / trials)
             now = np.maximum(self.sigma * ndtri(np.minimum(lower, self.cap_p)), 0.0)
             ref = np.maximum(np.minimum(ref_radius, self.cap), 0.0)
-            converged = ~reachable & (ref - now <= self.tol)
-            conditions = [lower >= self.cap_p, upper < 0.5, self._abstain_settled(converged, lower, hits, trials)]
+            tol = self.tol if tol is None else tol
+            converged = ~reachable & (ref - now <= tol)
+            conditions = [lower >= self.cap_p, upper < 0.5,
+                          self._abstain_settled(converged, lower, hits, trials, tol)]
             codes = [3, 4, 5]
         return np.select(conditions + [trials >= limit], codes + [_MAX_SAMPLES], 0)
 
-    def plan_final(self, hits, trials, level, limit, ref_radius):
+    def plan_final(self, hits, trials, level, limit, ref_radius, tol=None):
         """Draws n2 (N,) of a planned final look at ``level``, 0 where none is planned yet;
-        ``ref_radius``: ``project(hits / trials)[0]``, as ``decide`` already computed it.
+        ``ref_radius``: ``project(hits / trials)[0]``, as ``decide`` already computed it;
+        ``tol``: radius tolerance per input (default ``radius_tol``).
 
         Planned where the hit rate is over 1/2, fixed-n CERTIFY at rate + 2 standard errors stays
         below ``max_radius``, its radius at the current rate exceeds 2 tol, and the look, sized with
         Wilson bounds (planning only) to land within tol of that radius, needs at most
         ``_PLAN_RATIO`` times the draws so far. Capped at ``limit - trials``.
         """
-        p_hat, ref = hits / trials, ref_radius
+        p_hat, ref, tol = hits / trials, ref_radius, self.tol if tol is None else tol
         _, reachable = self.project(_optimistic(p_hat, trials))
-        goal = ndtr(np.maximum(ref - self.tol, 0.0) / self.sigma)  # p_lower that lands within tol
+        goal = ndtr(np.maximum(ref - tol, 0.0) / self.sigma)  # p_lower that lands within tol
         lower, _ = stats.wilson_interval(p_hat[:, None], self._plan_sizes, -ndtri(np.asarray(level))[..., None])
         enough = lower >= goal[:, None]
         n2 = np.where(enough.any(axis=1), self._plan_sizes[np.argmax(enough, axis=1)], np.inf)
-        plan = (p_hat > 0.5) & ~reachable & (ref > 2.0 * self.tol) & (n2 <= _PLAN_RATIO * trials)
+        plan = (p_hat > 0.5) & ~reachable & (ref > 2.0 * tol) & (n2 <= _PLAN_RATIO * trials)
         return np.where(plan, np.maximum(np.minimum(n2, limit - trials), 0.0), 0.0)
 
-    def _abstain_settled(self, converged, lower, hits, trials):
+    def _abstain_settled(self, converged, lower, hits, trials, tol):
         """``converged`` where it ends certified; where it would end abstaining (radius 0), only
         if fixed-n CERTIFY would stay within tol even at an optimistic rate (estimate + 2 standard
         errors), so that a few early draws cannot talk an input with a real radius into abstaining."""
-        converged, lower, hits, trials = np.broadcast_arrays(converged, lower, hits, trials)
+        converged, lower, hits, trials, tol = np.broadcast_arrays(converged, lower, hits, trials, tol)
         abstaining = converged & (lower <= 0.5)
         if not abstaining.any():
             return converged
         p_hat = hits[abstaining] / trials[abstaining]
         settled = converged.copy()
-        settled[abstaining] = self.project(_optimistic(p_hat, trials[abstaining]))[0] <= self.tol
+        settled[abstaining] = self.project(_optimistic(p_hat, trials[abstaining]))[0] <= tol[abstaining]
         return settled
 
 
@@ -192,7 +198,7 @@ def plan_alpha_weights(mu_z, var_z, looks, rules, threshold=None, floor=0.2, spr
 def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", prior_ab=None,
                    target_radii=None, max_radius=None, radius_tol=None, max_samples=100_000,
                    counted_limit=None, budget=None, first_check=32, growth=1.1, progress=False,
-                   plan_weights=None, final_share=0.8):
+                   plan_weights=None, final_share=0.8, ca_tol=None):
     """Anytime-valid sequential certification of many inputs at once (pure numpy core).
 
     Parameters
@@ -224,6 +230,13 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
         Radius mode only: share of alpha kept for a planned final look (module docstring, fact
         4); 0 turns it off. Per input it may depend on the pilot, never on counted draws.
         Inputs that end there stop with reason ``radius_planned``.
+    ca_tol : float or None
+        Radius mode only: the certified-accuracy gap (a fraction of the inputs) to fixed-n
+        CERTIFY that the batch may show at any radius. Each input's radius tolerance becomes
+        ``ca_tol`` over the density of the batch's projected radii around its own (fraction of
+        inputs per unit radius), within ``_CA_TOL_RANGE`` sigma, instead of one ``radius_tol``
+        for all: tight where radii crowd, loose where they are sparse (``ca_tolerances``).
+        Decides cost, never validity.
     plan_weights : callable or None
         Alpha-spending planner with the signature of ``plan_alpha_weights`` (the default). A
         hook for callers (``Smoother.certify_batch`` passes the one it sees, so tests can swap
@@ -231,7 +244,8 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
 
     Returns
     -------
-    dict of arrays (N,): ``hits``, ``trials``, ``p_lower``, ``p_upper``, ``reason`` (str).
+    dict of arrays (N,): ``hits``, ``trials``, ``p_lower``, ``p_upper``, ``reason`` (str),
+    ``radius_tol`` (the tolerance each input ended with; NaN in target mode).
     """
     mu_z, var_z = (np.asarray(v, dtype=np.float64) for v in prior_z)
     n_inputs = len(mu_z)
@@ -262,6 +276,10 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
     if np.any(~(final_share >= 0.0) | ~(final_share < 1.0)):
         raise DataError("final_share must lie in [0, 1)")
     final_share = final_share if threshold is None else np.zeros(n_inputs)
+    if ca_tol is not None and (threshold is not None or not 0.0 < ca_tol < 1.0):
+        raise DataError("ca_tol is for radius mode and must lie in (0, 1)")
+    tol = np.full(n_inputs, rules.tol if threshold is None else np.nan)
+    projected = np.full(n_inputs, np.nan)  # ca_tol: each input's latest projected radius
     cs_alpha, final_alpha = alpha * (1.0 - final_share), alpha * final_share  # fact 4
     hits, trials = np.zeros(n_inputs), np.zeros(n_inputs)
     final = np.zeros(n_inputs)  # draws of the planned final look, 0 while none is planned
@@ -308,18 +326,50 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
             ucb[open_] = np.minimum(ucb[open_], hi)
             # one fixed-n projection per round, for the stopping rules and the final-look plan
             projection = None if threshold is not None else rules.project(hits[open_] / trials[open_])
+            if ca_tol is not None:
+                projected[open_] = np.where(projection[1], np.nan, projection[0])
+                tol[open_] = ca_tolerances(projected, open_, ca_tol, rules)
             code[open_] = rules.decide(hits[open_], trials[open_], lcb[open_], ucb[open_],
                                        None if threshold is None else threshold[open_],
                                        projection=projection, limit=limit[open_],
-                                       z_final=None if z_final is None else z_final[open_])
+                                       z_final=None if z_final is None else z_final[open_],
+                                       tol=None if threshold is not None else tol[open_])
             bar.update(int(np.count_nonzero(code[open_])))
             plan = (code[open_] == 0) & (final_share[open_] > 0)
             if plan.any():
                 going = open_[plan]
                 final[going] = rules.plan_final(hits[going], trials[going], final_alpha[going],
-                                                limit[going], projection[0][plan])
+                                                limit[going], projection[0][plan], tol[going])
     return {"hits": hits, "trials": trials, "p_lower": lcb, "p_upper": ucb,
-            "reason": np.asarray(STOP_REASONS, dtype=object)[code]}
+            "reason": np.asarray(STOP_REASONS, dtype=object)[code], "radius_tol": tol}
+
+
+def ca_tolerances(projected, rows, ca_tol, rules, bandwidth=0.2):
+    """Radius tolerances (len(rows),) that keep a certified-accuracy gap near ``ca_tol``.
+
+    An input whose radius lands tol_i below fixed-n CERTIFY's moves the certified-accuracy curve
+    at radii in (R_i - tol_i, R_i], so at radius r the curve drops by about d(r) tol(r), d the
+    density of the radii (fraction of the N inputs per unit radius). Setting tol = ca_tol / d
+    spreads the gap evenly over the radii. d is estimated from ``projected`` (N,), each input's
+    latest projected radius (NaN where unknown, abstaining or at ``max_radius``: those move no
+    radius r > 0), by a Gaussian kernel of ``bandwidth`` sigma on a fine histogram. Rows
+    without a projection keep ``rules.tol``.
+    """
+    sigma, n_inputs = rules.sigma, len(projected)
+    known = projected[np.isfinite(projected) & (projected > 0)]
+    mine = projected[rows]
+    lo, hi = (bound * sigma for bound in _CA_TOL_RANGE)
+    if not known.size:
+        return np.full(len(rows), rules.tol)
+    width, h = bandwidth * sigma / 4.0, bandwidth * sigma
+    edges = np.arange(0.0, known.max() + 5.0 * h, width)
+    counts, _ = np.histogram(known, edges)
+    offsets = np.arange(-16, 17) * width
+    kernel = np.exp(-0.5 * (offsets / h) ** 2) / (h * math.sqrt(2.0 * math.pi))
+    density = np.convolve(counts, kernel)[16:16 + len(counts)] / n_inputs  # centred, any length
+    at = np.interp(mine, 0.5 * (edges[:-1] + edges[1:]), density, left=density[0], right=0.0)
+    tol = np.clip(ca_tol / np.maximum(at, 1e-12), lo, hi)
+    return np.where(np.isfinite(mine) & (mine > 0), tol, rules.tol)
 
 
 def _last_look_z(looks, limit, alpha, threshold, weights=None, prior_ab=None):

@@ -243,7 +243,8 @@ class Smoother:
 
     def certify_batch(self, X, target_radii=None, budget=None, alpha=0.001, max_radius=None,
                       max_samples=100_000, radius_tol=None, prior=None, n_pilot=32,
-                      sequence="spending", first_check=32, growth=1.1, progress=False, final_share=0.8):
+                      sequence="spending", first_check=32, growth=1.1, progress=False, final_share=0.8,
+                      ca_tol=None):
         """Certify inputs X (N, ...) with confidence sequences, optionally under one budget.
 
         Each input first gets ``n_pilot`` pilot draws (class selection and ``prior``, default
@@ -252,7 +253,11 @@ class Smoother:
         the fixed-n certificate that ``radius_tol`` refers to.
         Counting then follows ``run_sequential``: radius mode (``target_radii=None``, radii
         capped at ``max_radius``) or target mode. In radius mode ``final_share`` of alpha is kept
-        for one planned final look (``gmcert.sequential``, fact 4; 0 turns it off). With a
+        for one planned final look (``gmcert.sequential``, fact 4; 0 turns it off). ``ca_tol``
+        (radius mode, instead of ``radius_tol``): the certified-accuracy gap to fixed-n CERTIFY,
+        as a fraction of the batch, to aim for at every radius; each input then gets its own
+        radius tolerance, tight where the batch's radii crowd and loose where they are sparse
+        (``gmcert.sequential.ca_tolerances``). With a
         ``budget`` (all model evaluations, pilots included) open inputs are served
         cheapest-to-decide first and those left open end ``undecided``; their radii are still
         valid, only smaller than they could have been.
@@ -260,12 +265,16 @@ class Smoother:
         Returns
         -------
         list of Certificate; ``time`` is the batch's wall time shared evenly; ``extra`` holds
-        ``p_lower``, ``p_upper``, ``counted``, ``prior_z`` (mean, var).
+        ``p_lower``, ``p_upper``, ``counted``, ``prior_z`` (mean, var) and, in radius mode,
+        ``radius_tol`` (the tolerance the input ended with).
         """
         start, X = time.perf_counter(), self._as_batch(X)
         alpha, n_pilot = _alpha(alpha), _positive_int(n_pilot, "n_pilot")
         if not n_pilot < max_samples:
             raise DataError(f"max_samples ({max_samples}) must exceed n_pilot ({n_pilot})")
+        if ca_tol is not None and (radius_tol is not None or target_radii is not None):
+            raise DataError("ca_tol sets every radius tolerance in radius mode: give it without "
+                            "radius_tol and target_radii")
         classes, prior_z, prior_ab, pilot_samples = self._select(
             X, n_pilot, UniformPrior() if prior is None else prior, sequence == "mixture",
             extend=16 * n_pilot <= max_samples)
@@ -279,7 +288,8 @@ class Smoother:
             max_radius=max_radius, radius_tol=radius_tol,
             max_samples=max_samples, counted_limit=max_samples - pilot_samples, budget=counted_budget,
             first_check=first_check, growth=growth, progress=progress, final_share=final_share,
-            plan_weights=plan_alpha_weights)  # looked up here, so patching smoothing's name works
+            plan_weights=plan_alpha_weights,  # looked up here, so patching smoothing's name works
+            ca_tol=ca_tol)
         cap = np.inf if max_radius is None else float(max_radius)
         elapsed = (time.perf_counter() - start) / len(X)
         certificates = []
@@ -294,7 +304,9 @@ class Smoother:
                 stop_reason=result["reason"][i], time=elapsed,
                 extra={"p_lower": float(p_lower), "p_upper": float(result["p_upper"][i]),
                        "counted": int(result["trials"][i]),
-                       "prior_z": (float(prior_z[0][i]), float(prior_z[1][i]))}))
+                       "prior_z": (float(prior_z[0][i]), float(prior_z[1][i])),
+                       **({} if target_radii is not None
+                          else {"radius_tol": float(result["radius_tol"][i])})}))
         return certificates
 
     def _select(self, X, n_pilot, prior, want_beta, extend=True):
