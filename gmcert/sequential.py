@@ -293,9 +293,12 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
             chunk = np.where(final[open_] > 0, final[open_],
                              np.minimum(looks[look[open_] + 1], limit[open_]) - trials[open_])
             if budget is not None:  # triage: cheapest decisions first, as far as the budget goes
-                order = np.argsort(_remaining_cost(hits[open_], trials[open_], rules, threshold,
-                                                   open_), kind="stable")
-                keep = np.cumsum(chunk[order]) <= budget_left
+                cost = _remaining_cost(hits[open_], trials[open_], rules, threshold, open_)
+                order = np.argsort(cost, kind="stable")
+                # serve an input only while the budget also covers finishing every cheaper one
+                keep = np.cumsum(np.maximum(chunk, cost)[order]) <= budget_left
+                if not keep.any():  # nothing can be finished: spend what is left, cheapest first
+                    keep = np.cumsum(chunk[order]) <= budget_left
                 if not keep.any():
                     code[open_] = _UNDECIDED
                     break
@@ -384,8 +387,9 @@ def _last_look_z(looks, limit, alpha, threshold, weights=None, prior_ab=None):
 
 
 def _remaining_cost(hits, trials, rules, threshold, idx):
-    """Rough draws still needed to decide (triage order only): c^2 p(1-p) / gap^2 - t."""
-    p_hat = (hits + 0.5) / (trials + 1.0)
+    """Rough draws still needed to decide (triage order only): c^2 v / gap^2 - t, v = p(1-p) at the
+    observed rate, at least 1/t: an input with every draw a hit is nearly settled, not uncertain."""
+    p_hat = np.divide(hits, trials, out=np.full(len(hits), 0.5), where=trials > 0)
     if threshold is not None:
         goal = threshold[idx]
     else:
@@ -393,4 +397,5 @@ def _remaining_cost(hits, trials, rules, threshold, idx):
         goal = np.where(reachable, rules.cap_p,
                         ndtr(np.maximum(ref_radius - rules.tol, 0.0) / rules.sigma))
     c2 = 2.0 * np.log(1.0 / rules.alpha) + 4.0
-    return c2 * p_hat * (1.0 - p_hat) / np.maximum((p_hat - goal) ** 2, 1e-24) - trials
+    spread = np.maximum(p_hat * (1.0 - p_hat), 1.0 / np.maximum(trials, 1.0))
+    return c2 * spread / np.maximum((p_hat - goal) ** 2, 1e-24) - trials

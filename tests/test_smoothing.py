@@ -298,6 +298,19 @@ def test_triage_spends_at_most_the_budget_and_stays_valid():
     assert reasons.count("target_certified") > even_certified
 
 
+def test_radius_mode_triage_finishes_near_certain_inputs_first():
+    """Under a tight budget, inputs past the cap need a few hundred draws each; planned final
+    looks of thousands must not use up the budget before those are finished."""
+    x0 = np.random.default_rng(1).uniform(-1.0, 4.0, 2000)[:, None]
+    budget = 3000 * len(x0)
+    certs = ThresholdSmoother(seed=1).certify_batch(x0, alpha=0.001, max_radius=2.0,
+                                                    max_samples=20_000, budget=budget)
+    assert sum(c.samples for c in certs) <= budget
+    reasons = np.array([c.stop_reason for c in certs])
+    assert 0 < np.sum(reasons == "undecided")  # the budget does bind
+    assert np.mean(reasons[x0[:, 0] > 2.5] == "max_radius") >= 0.9
+
+
 def test_good_priors_cost_fewer_samples_than_wrong_ones(meta_prior):
     x0 = np.random.default_rng(40).uniform(2.2, 4.0, (2000, 1))  # near-certain inputs
     cost = {}
