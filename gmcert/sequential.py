@@ -223,7 +223,8 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
         Counted draws per input at most (reason ``max_samples``); default ``max_samples``.
     budget : int or None
         Total counted draws over all inputs (triage): each round, open inputs get their next
-        chunk cheapest-to-decide first; those left open when it runs out end ``undecided``.
+        chunk cheapest-to-decide first, each only while the budget also covers finishing every
+        cheaper input; those left open when it runs out end ``undecided``.
     first_check, growth :
         Look schedule (``look_schedule``).
     final_share : float or array_like (N,), in [0, 1)
