@@ -294,10 +294,11 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
             chunk = np.where(final[open_] > 0, final[open_],
                              np.minimum(looks[look[open_] + 1], limit[open_]) - trials[open_])
             if budget is not None:  # triage: cheapest decisions first, as far as the budget goes
-                cost = _remaining_cost(hits[open_], trials[open_], rules, threshold, open_)
-                order = np.argsort(cost, kind="stable")
+                need = np.maximum(chunk, _remaining_cost(hits[open_], trials[open_], rules,
+                                                         threshold, open_))
+                order = np.argsort(need, kind="stable")
                 # serve an input only while the budget also covers finishing every cheaper one
-                keep = np.cumsum(np.maximum(chunk, cost)[order]) <= budget_left
+                keep = np.cumsum(need[order]) <= budget_left
                 if not keep.any():  # nothing can be finished: spend what is left, cheapest first
                     keep = np.cumsum(chunk[order]) <= budget_left
                 if not keep.any():
@@ -388,15 +389,22 @@ def _last_look_z(looks, limit, alpha, threshold, weights=None, prior_ab=None):
 
 
 def _remaining_cost(hits, trials, rules, threshold, idx):
-    """Rough draws still needed to decide (triage order only): c^2 v / gap^2 - t, v = p(1-p) at the
-    observed rate, at least 1/t: an input with every draw a hit is nearly settled, not uncertain."""
+    """Rough draws still needed to decide (triage order only): c^2 v / gap^2 - t, v = p(1-p), at
+    least 1/t, taken at the most favourable of the estimate and the estimate -+ 2 standard errors.
+    The optimism keeps an input that a few unlucky early draws make look costly from being starved
+    of the draws that would show it is cheap."""
     p_hat = np.divide(hits, trials, out=np.full(len(hits), 0.5), where=trials > 0)
-    if threshold is not None:
-        goal = threshold[idx]
-    else:
-        ref_radius, reachable = rules.project(p_hat)
-        goal = np.where(reachable, rules.cap_p,
-                        ndtr(np.maximum(ref_radius - rules.tol, 0.0) / rules.sigma))
+    t = np.maximum(trials, 1.0)
+    half = 2.0 * np.sqrt(np.maximum(p_hat * (1.0 - p_hat), 1.0 / t) / t)
     c2 = 2.0 * np.log(1.0 / rules.alpha) + 4.0
-    spread = np.maximum(p_hat * (1.0 - p_hat), 1.0 / np.maximum(trials, 1.0))
-    return c2 * spread / np.maximum((p_hat - goal) ** 2, 1e-24) - trials
+    costs = []
+    for p in (p_hat, np.clip(p_hat - half, 0.0, 1.0), np.clip(p_hat + half, 0.0, 1.0)):
+        if threshold is not None:
+            goal = threshold[idx]
+        else:
+            ref_radius, reachable = rules.project(p)
+            goal = np.where(reachable, rules.cap_p,
+                            ndtr(np.maximum(ref_radius - rules.tol, 0.0) / rules.sigma))
+        spread = np.maximum(p * (1.0 - p), 1.0 / t)
+        costs.append(c2 * spread / np.maximum((p - goal) ** 2, 1e-24))
+    return np.min(costs, axis=0) - trials

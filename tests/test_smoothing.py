@@ -299,8 +299,9 @@ def test_triage_spends_at_most_the_budget_and_stays_valid():
 
 
 def test_radius_mode_triage_finishes_near_certain_inputs_first():
-    """Under a tight budget, inputs past the cap need a few hundred draws each; planned final
-    looks of thousands must not use up the budget before those are finished."""
+    """Under a tight budget, inputs past the cap need a few hundred draws each. Planned final
+    looks of thousands must not use up the budget before those are finished, and one unlucky
+    early miss must not make such an input look costly for good."""
     x0 = np.random.default_rng(1).uniform(-1.0, 4.0, 2000)[:, None]
     budget = 3000 * len(x0)
     certs = ThresholdSmoother(seed=1).certify_batch(x0, alpha=0.001, max_radius=2.0,
@@ -308,7 +309,7 @@ def test_radius_mode_triage_finishes_near_certain_inputs_first():
     assert sum(c.samples for c in certs) <= budget
     reasons = np.array([c.stop_reason for c in certs])
     assert 0 < np.sum(reasons == "undecided")  # the budget does bind
-    assert np.mean(reasons[x0[:, 0] > 2.5] == "max_radius") >= 0.9
+    assert np.mean(reasons[x0[:, 0] > 2.5] == "max_radius") >= 0.97
 
 
 def test_good_priors_cost_fewer_samples_than_wrong_ones(meta_prior):
