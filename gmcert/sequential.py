@@ -233,7 +233,8 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
         Inputs that end there stop with reason ``radius_planned``.
     ca_tol : float or None
         Radius mode only: the certified-accuracy gap (a fraction of the inputs) to fixed-n
-        CERTIFY that the batch may show at any radius. Each input's radius tolerance becomes
+        CERTIFY to aim for at each radius; the worst radius of a batch lands higher, by the
+        batch's sampling noise (about twice on 540 inputs). Each input's radius tolerance becomes
         ``ca_tol`` over the density of the batch's projected radii around its own (fraction of
         inputs per unit radius), within ``_CA_TOL_RANGE`` sigma, instead of one ``radius_tol``
         for all: tight where radii crowd, loose where they are sparse (``ca_tolerances``).
