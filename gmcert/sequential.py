@@ -106,8 +106,9 @@ class StoppingRules:
         limit = self.max_samples if limit is None else limit
         if threshold is not None:
             p_hat = hits / trials
-            spread = np.maximum(p_hat * (1.0 - p_hat), 1.0 / trials) * np.maximum(limit - trials, 0.0)
-            hopeful = np.minimum(p_hat + _FUTILITY_Z * np.sqrt(spread / (trials * limit)), 1.0)
+            left = np.maximum(limit - trials, 0.0) / limit
+            predictive = _standard_error(p_hat, trials) * np.sqrt(left)
+            hopeful = np.minimum(p_hat + _FUTILITY_Z * predictive, 1.0)
             z_last = self._z_fixed_n if z_final is None else np.maximum(z_final, self._z_fixed_n)
             final_lower, _ = stats.wilson_interval(hopeful, limit, z_last)
             # a run that has used all its draws ends max_samples, not futile
@@ -120,9 +121,9 @@ class StoppingRules:
             tol = self.tol if tol is None else tol
             converged = ~reachable & (ref - now <= tol)
             conditions = [lower >= self.cap_p, upper < 0.5,
-                          self._abstain_settled(converged, lower, hits, trials, tol)]
-            codes = [3, 4, 5]
-        return np.select(conditions + [trials >= limit], codes + [_MAX_SAMPLES], 0)
+                          self._abstain_settled(converged, lower, hits, trials, tol), trials >= limit]
+            codes = [3, 4, 5, _MAX_SAMPLES]
+        return np.select(conditions, codes, 0)
 
     def plan_final(self, hits, trials, level, limit, ref_radius, tol=None):
         """Draws n2 (N,) of a planned final look at ``level``, 0 where none is planned yet;
@@ -155,6 +156,12 @@ class StoppingRules:
         settled = converged.copy()
         settled[abstaining] = self.project(_optimistic(p_hat, trials[abstaining]))[0] <= tol[abstaining]
         return settled
+
+
+def _standard_error(p_hat, trials):
+    """sqrt(v / t) with v = p(1 - p) at least 1/t: an all-hit (or no-hit) rate is not certain."""
+    t = np.maximum(trials, 1.0)
+    return np.sqrt(np.maximum(p_hat * (1.0 - p_hat), 1.0 / t) / t)
 
 
 def _optimistic(p_hat, trials):
@@ -395,8 +402,7 @@ def _remaining_cost(hits, trials, rules, threshold, idx):
     The optimism keeps an input that a few unlucky early draws make look costly from being starved
     of the draws that would show it is cheap."""
     p_hat = np.divide(hits, trials, out=np.full(len(hits), 0.5), where=trials > 0)
-    t = np.maximum(trials, 1.0)
-    half = 2.0 * np.sqrt(np.maximum(p_hat * (1.0 - p_hat), 1.0 / t) / t)
+    t, half = np.maximum(trials, 1.0), 2.0 * _standard_error(p_hat, trials)
     c2 = 2.0 * np.log(1.0 / rules.alpha) + 4.0
     costs = []
     for p in (p_hat, np.clip(p_hat - half, 0.0, 1.0), np.clip(p_hat + half, 0.0, 1.0)):
