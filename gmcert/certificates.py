@@ -23,7 +23,12 @@ is their maximum over ``j``. With one component per class ``h = 0`` and the radi
 Floating point. Each radius is a lower bound on the exact-arithmetic radius: margins lose an
 absolute slack proportional to the magnitudes that formed them, eigenvalues of W are shifted
 down by a backward-error bound (``W' = W - tol I`` has a larger flip set), the dual objective is
-evaluated with denominators rounded down, and ``RADIUS_SHAVE`` comes off the end result.
+evaluated with every rounding against us, and ``RADIUS_SHAVE`` comes off the end result.
+
+Exactness. ``certify(..., return_exact=True)`` also says, per row, whether the radius is the exact
+one (to within the solver tolerance and the shave): the pair that attains the minimum must have
+been settled by the dual solver, and the radius must not be sensitive to the rounding slack above.
+Near tangency (see :mod:`gmcert.dual`) neither holds, and the radius is a sound lower bound only.
 
 This module holds the geometry and the orchestration (which pairs to solve, for which rows);
 the per-pair solvers (closed form, S-lemma dual, minimiser direction) are in :mod:`gmcert.dual`.
@@ -40,6 +45,9 @@ from threadpoolctl import ThreadpoolController
 from gmcert.dual import EPS, RADIUS_SHAVE, _optimal_direction, _unit, closed_form_radius, solve_dual
 
 MARGIN_SLACK = 1e-11  # absolute margin slack per unit of score magnitude (covers matmul rounding)
+# a radius is labelled exact only if the slacks above (margin, eigenvalue shift) move r^2 by less
+# than this (relative); with the solver's own tolerances the radius is then within 1e-8 of exact
+EXACT_DRIFT = 1e-8
 METHODS = ("exact", "closed_form")
 STRUCTURES = ("full", "tied", "diag")
 _BLAS = None  # ThreadpoolController, created on first use (it scans the loaded libraries)
@@ -192,7 +200,8 @@ class MixtureGeometry:
         return self._eig[key]
 
 
-def certify(geometry, Z, method="exact", chunk_size=None, return_direction=False, n_jobs=None):
+def certify(geometry, Z, method="exact", chunk_size=None, return_direction=False, n_jobs=None,
+            return_exact=False):
     """Predicted class index and certified latent L2 radius of each row of Z.
 
     Parameters
@@ -214,6 +223,8 @@ def certify(geometry, Z, method="exact", chunk_size=None, return_direction=False
     n_jobs : int, optional
         Threads working on chunks at once (numpy releases the GIL; BLAS is kept to one thread
         meanwhile). Default: the number of CPUs. Results do not depend on it.
+    return_exact : bool
+        Also return, per row, whether the radius is exact (see ``exact`` below).
 
     Returns
     -------
@@ -222,6 +233,14 @@ def certify(geometry, Z, method="exact", chunk_size=None, return_direction=False
     radius : ndarray (n,) float64
         Certified radius (``inf`` only when proven that no perturbation changes the class).
     direction : ndarray (n, d), only with ``return_direction``.
+    exact : ndarray (n,) bool, only with ``return_exact``; last when both extras are asked for.
+        True where the radius is the exact latent radius to within 1e-8 (relative; the solver
+        tolerance, the shave and the slacks' effect): ``exact`` method, one component per class,
+        and the pair attaining the minimum was settled by the dual solver and is insensitive to
+        the slacks (``EXACT_DRIFT``). A 0 radius from a margin <= 0 and a proven infinite radius
+        count as exact. ``closed_form`` and several components per class: False, except ``tied``
+        with one component per class, where the hyperplane radius is exact (unless the margin is
+        below ``4 / EXACT_DRIFT`` times its rounding slack).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -231,10 +250,11 @@ def certify(geometry, Z, method="exact", chunk_size=None, return_direction=False
     pred = np.empty(n, dtype=np.intp)
     radius = np.empty(n)
     direction = np.zeros((n, d)) if return_direction else None
+    exact = np.zeros(n, dtype=bool)
 
     def work(start):
         rows = slice(start, start + chunk)
-        pred[rows], radius[rows], u = _certify_chunk(geometry, Z[rows], method, return_direction)
+        pred[rows], radius[rows], u, exact[rows] = _certify_chunk(geometry, Z[rows], method, return_direction)
         if return_direction:
             direction[rows] = u
 
@@ -247,7 +267,7 @@ def certify(geometry, Z, method="exact", chunk_size=None, return_direction=False
         else:
             with ThreadPoolExecutor(n_jobs) as pool:
                 list(pool.map(work, starts))
-    return (pred, radius, direction) if return_direction else (pred, radius)
+    return (pred, radius) + ((direction,) if return_direction else ()) + ((exact,) if return_exact else ())
 
 
 def _certify_chunk(geo, Z, method, want):
@@ -256,53 +276,65 @@ def _certify_chunk(geo, Z, method, want):
     n, d = Z.shape
     radius = np.zeros(n)
     direction = np.zeros((n, d)) if want else None
+    exact = np.zeros(n, dtype=bool)
+    single = geo.class_components.shape[1] == 1  # else the shifted margin: a bound, never exact
     for slot in range(geo.class_components.shape[1]):  # each component of the predicted class
         winner = geo.class_components[pred, slot]
         idx = np.flatnonzero(winner >= 0)
         if idx.size == 0:
             continue
         whole = idx.size == n
-        r, u = _winner_radius(geo, s if whole else s[idx], slack if whole else slack[idx],
-                              G if whole else G[idx], winner[idx], pred[idx], method, want)
+        r, u, ex = _winner_radius(geo, s if whole else s[idx], slack if whole else slack[idx],
+                                  G if whole else G[idx], winner[idx], pred[idx], method, want)
         better = r > radius[idx]
         radius[idx[better]] = r[better]
         if want:
             direction[idx[better]] = u[better]
-    return pred, radius, direction
+        if single:
+            exact[idx] = ex
+    return pred, radius, direction, exact
 
 
 def _winner_radius(geo, s, slack, G, j, cls, method, want):
-    """Radius (n,) for winning components j against every rival component."""
+    """Radius (n,), directions and exactness (n,) for winning components j against every rival."""
     ar = np.arange(len(j))
     A = G[ar, j][:, None, :] - G  # (n, M, d): a for every rival
     a_norm2 = np.einsum("nmd,nmd->nm", A, A)
-    m = s[ar, j][:, None] - s - geo.shift - (slack[ar, j][:, None] + slack)
+    m_slack = slack[ar, j][:, None] + slack
+    m = s[ar, j][:, None] - s - geo.shift - m_slack
     rival = geo.component_class[None, :] != cls[:, None]
     lb = np.where(rival, closed_form_radius(m, a_norm2, geo.lambda_min_rows(j)), np.inf)
     if method == "closed_form" or geo.structure == "tied":
         k = lb.argmin(axis=1)
         u = _unit(A[ar, k], lb[ar, k]) if want else None
-        return lb[ar, k], u
-    return _exact_radius(geo, m, lb, A, j, want)
+        exact = np.zeros(len(j), dtype=bool)
+        if geo.structure == "tied":  # r = m / (2||a||): exact, up to the margin's slack (r2 moves 2 dm/m)
+            mk = m[ar, k]
+            exact = (mk <= 0) | np.isinf(lb[ar, k]) | (4 * m_slack[ar, k] <= EXACT_DRIFT * mk)
+        return lb[ar, k], u, exact
+    return _exact_radius(geo, m, m_slack, lb, A, j, want)
 
 
-def _exact_radius(geo, m, lb, A, j, want):
+def _exact_radius(geo, m, m_slack, lb, A, j, want):
     """min over rivals of the exact pair radius.
 
     First the pair with the smallest closed-form bound is solved for every row; then only pairs
     whose bound is below that radius, and each of those stops as soon as its dual value proves
-    it cannot go lower (any dual value is a lower bound on its radius).
+    it cannot go lower (any dual value is a lower bound on its radius). A row is exact when the
+    pair that ends up attaining its minimum was settled (the maximum of two lower bounds is exact
+    when either is); pairs skipped or cut are proven no closer, so they do not matter.
     """
     n = lb.shape[0]
     ar = np.arange(n)
     first = lb.argmin(axis=1)
     lb1 = lb[ar, first]
     best = np.where(lb1 > 0, np.inf, 0.0)
+    exact = np.isinf(lb1) | ((lb1 == 0) & (m[ar, first] <= 0))  # proven never / margin <= 0
     best_u = np.zeros((n, A.shape[2])) if want else None
     act = np.flatnonzero(np.isfinite(lb1) & (lb1 > 0))
     if act.size:
         f = first[act]
-        r, u = _solve_pairs(geo, m[act, f], A[act, f], j[act], f, want)
+        r, u, exact[act] = _solve_pairs(geo, m[act, f], m_slack[act, f], A[act, f], j[act], f, want)
         best[act] = np.maximum(r, lb1[act])  # both are sound lower bounds
         if want:
             best_u[act] = u
@@ -310,39 +342,55 @@ def _exact_radius(geo, m, lb, A, j, want):
     cand[ar, first] = False
     rows, ls = np.nonzero(cand)
     if rows.size:
-        r, u = _solve_pairs(geo, m[rows, ls], A[rows, ls], j[rows], ls, want, cutoff=best[rows])
+        r, u, settled = _solve_pairs(geo, m[rows, ls], m_slack[rows, ls], A[rows, ls], j[rows], ls, want,
+                                     cutoff=best[rows])
         r = np.maximum(r, lb[rows, ls])
         order = np.lexsort((r, rows))  # smallest radius of each row first
         top = order[np.r_[True, rows[order][1:] != rows[order][:-1]]]
         upd = top[r[top] < best[rows[top]]]
         best[rows[upd]] = r[upd]
+        exact[rows[upd]] = settled[upd]
         if want:
             best_u[rows[upd]] = u[upd]
     if want:
         best_u[~(np.isfinite(best) & (best > 0))] = 0.0
-    return best, best_u
+    return best, best_u, exact
 
 
-def _solve_pairs(geo, m, a, j, l, want, cutoff=None):
-    """Exact radius for problems (rows) of pairs (j, l); one eigenbasis matmul per pair."""
+def _solve_pairs(geo, m, m_slack, a, j, l, want, cutoff=None):
+    """Exact radius, direction and settledness for problems (rows) of pairs (j, l), from margins
+    ``m`` shaved by ``m_slack``; one eigenbasis matmul per pair."""
     key = j * len(geo.means) + l
     order = np.argsort(key, kind="stable")  # rows of one pair become one contiguous block
-    key, a, m = key[order], a[order], m[order]
+    key, a, m, m_slack = key[order], a[order], m[order], m_slack[order]
     starts = np.r_[0, np.flatnonzero(np.diff(key)) + 1, len(key)]
     b = np.empty_like(a)
     lam = np.empty_like(a)
+    lam_err = np.empty(len(key))  # what the shift of W's eigenvalues and the eigensolver can cost
     bases = []
     for s, e in zip(starts[:-1], starts[1:]):
         ev, Q = geo.pair_eig(j[order[s]], l[order[s]])
         b[s:e] = a[s:e] if Q is None else a[s:e] @ Q
         lam[s:e] = ev
+        lam_err[s:e] = 2 * geo._eig_tol(ev)
         bases.append((slice(s, e), Q))
     cutoff2 = None if cutoff is None else (cutoff[order] / (1 - RADIUS_SHAVE)) ** 2
-    tau, r2 = solve_dual(m, b * b, lam, cutoff2=cutoff2)
+    tau, r2, settled = solve_dual(m, b * b, lam, cutoff2=cutoff2, return_settled=True)
+    # The solver is exact for the problem it was given, which differs from the exact-arithmetic one
+    # by the margin slack (up to 2 m_slack) and the eigenvalue shift (up to twice the shift). r2 moves
+    # by (dm + r2 dlam) mu* to first order (envelope theorem, mu* = 1/tau), which blows up as
+    # tau -> 0, i.e. near tangency; such a value is sound but not the exact radius.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        drift = (2 * m_slack + r2 * lam_err) / tau
+    settled &= np.isinf(r2) | (drift <= EXACT_DRIFT * r2)
     r = np.empty(len(key))
     r[order] = np.sqrt(r2) * (1 - RADIUS_SHAVE)
+    if cutoff is not None:  # proven no closer than the cutoff: keep the shave's rounding from undercutting it
+        r[order] = np.where(r2 >= cutoff2, np.maximum(r[order], cutoff[order]), r[order])
+    ok = np.empty(len(key), dtype=bool)
+    ok[order] = settled
     if not want:
-        return r, None
+        return r, None, ok
     u = np.empty_like(a)
     u[order] = _optimal_direction(tau, r2, b, lam, bases)
-    return r, u
+    return r, u, ok

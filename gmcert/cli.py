@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from gmcert.atomic import check_file_target, check_folder_target
 from gmcert.errors import DataError, GmcertError
+from gmcert.inputs import LINEAR_ENCODERS, fit_split, load_inputs, load_model, model_inputs
 
 DEFAULT_MODEL = "runs/default"
 DEFAULT_RADII = "0,0.05,0.1,0.25,0.5,0.75,1,1.5,2"
@@ -30,9 +33,19 @@ def _shrinkage(text: str):
     if text == "none":
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"shrinkage must be ledoit_wolf, oas, none or a float in [0, 1], got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like gmcert's own, and the same exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_data_args(p, latents_help):
@@ -46,7 +59,7 @@ def _add_data_args(p, latents_help):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gmcert", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="gmcert", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     fit = sub.add_parser("fit", help="fit encoder + projection + Gaussian-mixture head",
@@ -127,88 +140,74 @@ def _add_fallback_args(p):
     p.add_argument("--seed", type=int, default=0)
 
 
-# -- data -------------------------------------------------------------------------------------
-def read_latents(path) -> tuple[np.ndarray, np.ndarray]:
-    """``z`` (n, d) and ``y`` (n,) from an npz, validated."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such latents file")
+# -- arguments ------------------------------------------------------------------------------
+_POSITIVE = (lambda v: v >= 1, "a positive integer")
+#: dest -> (test, what the value must be); checked before any file is read or written.
+ARGUMENT_RULES = {
+    "limit": _POSITIVE, "dim": _POSITIVE, "noise_copies": _POSITIVE, "components_per_class": _POSITIVE,
+    "batch_size": _POSITIVE, "k": _POSITIVE, "bootstrap": _POSITIVE, "q_samples": _POSITIVE,
+    "n_inputs": _POSITIVE, "max_samples": _POSITIVE, "n0": _POSITIVE,
+    "test_size": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "noise_sigma": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    "reg_covar": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    "sigma": (lambda v: 0 < v < math.inf, "a positive number"),
+    "alpha": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "target_radius": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    "mismatch_threshold": (lambda v: math.isfinite(v), "a finite number"),
+    "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+}
+
+
+def check_arguments(args) -> None:
+    """Refuse out-of-range option values (``ARGUMENT_RULES``) with the option's own name."""
+    for dest, (test, what) in ARGUMENT_RULES.items():
+        value = getattr(args, dest, None)
+        if value is not None and not test(value):
+            raise DataError(f"--{dest.replace('_', '-')} must be {what}, got {value}")
+    if getattr(args, "device", None):
+        _check_device(args.device)
+
+
+def _check_device(name: str) -> None:
+    import torch
+
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in ("z", "y") if key in archive.files}
-    except (OSError, ValueError) as err:  # not a zip, or entries that would need pickle
-        raise DataError(f"{path}: not a readable npz file ({err})") from err
-    if len(arrays) < 2:
-        raise DataError(f"{path}: latents npz needs arrays 'z' (n, d) and 'y' (n,); missing "
-                        f"{sorted({'z', 'y'} - set(arrays))}")
-    z, y = arrays["z"], arrays["y"]
-    if z.ndim != 2 or y.ndim != 1 or len(z) != len(y):
-        raise DataError(f"{path}: need z of shape (n, d) and y of shape (n,), got {z.shape} and {y.shape}")
-    return z, y
-
-
-class Inputs:
-    """What a command certifies or fits on: ``x`` (images or latents), ``labels``, a cache identity."""
-
-    def __init__(self, x, labels, identity=None, channels=None):
-        self.x, self.labels, self.identity, self.channels = x, np.asarray(labels), identity, channels
-
-    def subset(self, index) -> "Inputs":
-        index = np.asarray(index)
-        identity = None
-        if self.identity is not None:
-            import hashlib
-
-            identity = f"{self.identity}[{hashlib.sha256(index.astype(np.int64).tobytes()).hexdigest()[:12]}]"
-        return Inputs(self.x[index], self.labels[index], identity, self.channels)
-
-
-def load_inputs(args, data: dict, channels=3) -> Inputs:
-    """Inputs named by ``data`` (``{"latents": path}`` or ``{"data": spec}``), cut to ``--limit``."""
-    if "latents" in data:
-        inputs = Inputs(*read_latents(data["latents"]))
-    else:
-        from gmcert.data import load_dataset
-
-        dataset = load_dataset(data["data"], download=args.download, channels=channels)
-        if dataset.labels is None:
-            raise DataError(f"{data['data']}: certification needs labels; this file has images only")
-        # Raw pixels of grayscale data stay 1-channel for the identity encoder: 3 copies would only
-        # rescale every radius by sqrt(3).
-        inputs = Inputs(dataset.images.numpy(), dataset.labels, dataset.identity, channels)
-    if args.limit:
-        inputs = inputs.subset(np.arange(min(args.limit, len(inputs.labels))))
-    return inputs
+        device = torch.device(name)
+    except RuntimeError:
+        raise DataError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise DataError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} available)")
 
 
 # -- commands ---------------------------------------------------------------------------------
 def cmd_fit(args) -> int:
-    from sklearn.model_selection import train_test_split
-
     from gmcert.mixture import GaussianMixtureClassifier
     from gmcert.pipeline import Pipeline
 
-    head = GaussianMixtureClassifier(covariance_type=args.covariance_type, shrinkage=args.shrinkage,
-                                     reg_covar=args.reg_covar, n_components_per_class=args.components_per_class,
-                                     random_state=args.seed)
     if args.latents:
         encoder, projection, data = "none", args.projection or "none", {"latents": str(Path(args.latents).resolve())}
     else:
         encoder, projection = args.encoder or "efficientnet_lite0", args.projection or "pca"
         data = {"data": args.data or "digits"}
-    inputs = load_inputs(args, data, channels=None if encoder == "identity" else 3)
-    index = np.arange(len(inputs.labels))
-    if args.test_size > 0:
-        train, test = train_test_split(index, test_size=args.test_size, random_state=args.seed,
-                                       stratify=inputs.labels)
-        # Sorted, so that diagnose (training split) and certify (held-out split) rebuild the very
-        # same subsets, and hit the latent cache.
-        train, test = np.sort(train), np.sort(test)
-    else:
-        train, test = index, index[:0]
+    # Everything is checked, fitted and evaluated before the model directory is written.
+    check_folder_target(args.out, "--out", owner_file="pipeline.json")
+    inputs = load_inputs(data, channels=None if encoder == "identity" else 3, download=args.download,
+                         limit=args.limit)
+    train, test = fit_split(inputs.labels, args.test_size, args.seed, args.components_per_class)
+    if projection == "pca" and encoder in LINEAR_ENCODERS:
+        samples = len(train) * (1 + (args.noise_copies if args.noise_sigma > 0 else 0))
+        available = min(samples, int(np.prod(inputs.x.shape[1:])))
+        if args.dim > available:
+            raise DataError(f"--dim {args.dim} exceeds what PCA can give here: min(training samples, features) "
+                            f"= {available}")
+    head = GaussianMixtureClassifier(covariance_type=args.covariance_type, shrinkage=args.shrinkage,
+                                     reg_covar=args.reg_covar, n_components_per_class=args.components_per_class,
+                                     random_state=args.seed)
     pipeline = Pipeline(encoder=encoder, projection=projection, n_components=args.dim, head=head,
                         pretrained=not args.no_pretrained, batch_size=args.batch_size, device=args.device,
                         cache_dir=args.cache_dir or None)
+    if encoder not in LINEAR_ENCODERS:
+        _ = pipeline.encoder  # an unknown card or missing weights fail here, before any work
     dim = f"({args.dim})" if projection == "pca" else ""
     print(f"fitting {encoder} -> {projection}{dim} -> {args.covariance_type} Gaussian mixture "
           f"on {len(train)} inputs", file=sys.stderr)
@@ -218,8 +217,6 @@ def cmd_fit(args) -> int:
     pipeline.metadata = {**data, "channels": inputs.channels, "test_index": test.tolist(), "seed": args.seed,
                          "noise_sigma": args.noise_sigma, "noise_copies": args.noise_copies}
     L, kind = pipeline.input_lipschitz()
-    pipeline.save(args.out)
-    print(f"saved model to {args.out}")
     if len(test):
         from gmcert.report import certificate_row, certified_accuracy, summarize
 
@@ -229,6 +226,9 @@ def cmd_fit(args) -> int:
         summary = summarize(rows, args.radii)
         latent_acc = certified_accuracy([{**row, "radius": c.latent_radius} for row, c in zip(rows, certs)],
                                         args.radii)
+    pipeline.save(args.out)
+    print(f"saved model to {args.out}")
+    if len(test):
         print(f"held-out accuracy: {summary['clean_accuracy']:.4f} ({len(test)} inputs)")
         print(f"input Lipschitz constant: {L:.4g} ({kind})")
         print(_accuracy_table(args.radii, latent_acc, summary["certified_accuracy"], kind))
@@ -239,36 +239,22 @@ def cmd_fit(args) -> int:
     return 0
 
 
-def _certify_inputs(args, pipeline) -> tuple[Inputs, np.ndarray]:
-    """The inputs to certify and their TSV ``idx``: by default the model's own held-out split."""
-    if args.latents or args.data:
-        data = {"latents": args.latents} if args.latents else {"data": args.data}
-        inputs = load_inputs(args, data, channels=pipeline.metadata.get("channels", 3))
-        return inputs, np.arange(len(inputs.labels))
-    meta = pipeline.metadata
-    if not meta.get("test_index"):
-        raise DataError(f"model {args.model} has no held-out split; pass --data or --latents")
-    source = {k: meta[k] for k in ("latents", "data") if k in meta}
-    limit, args.limit = args.limit, None
-    inputs = load_inputs(args, source, channels=meta.get("channels", 3))
-    index = np.asarray(meta["test_index"])[:limit]
-    return inputs.subset(index), index
-
-
 def cmd_certify(args) -> int:
     from tqdm import tqdm
 
-    from gmcert.pipeline import Pipeline
     from gmcert.report import CertifyWriter, certificate_row, certified_accuracy, summarize, write_json_atomic
 
-    pipeline = Pipeline.load(args.model, device=args.device, cache_dir=args.cache_dir or None)
+    pipeline = load_model(args.model, device=args.device, cache_dir=args.cache_dir or None)
     if args.fallback != "none":
         args.policy = _fallback_policy(args)
-    inputs, index = _certify_inputs(args, pipeline)
-    if len(index) == 0:
-        raise DataError("no inputs to certify")
+    inputs, index = model_inputs(args, pipeline, "test")
     out = Path(args.out) if args.out else Path(args.model) / "certify.tsv"
-    writer = CertifyWriter(out)
+    if out.suffix == ".json":
+        raise DataError(f"--out {out}: the JSON summary goes beside the TSV as {out.stem}.json; name the TSV "
+                        "something else")
+    for path in (out, out.with_suffix(".json"), out.with_name(out.name + ".partial")):
+        check_file_target(path, "--out")
+    writer = CertifyWriter(out)  # reads a killed run's .partial; creates nothing before the first row
     todo = np.array([i for i, idx in enumerate(index) if idx not in writer.done], dtype=np.int64)
     if len(todo) < len(index):
         print(f"resuming: {len(index) - len(todo)} of {len(index)} inputs already in {writer.partial}", file=sys.stderr)
@@ -309,9 +295,16 @@ def _certify(args, pipeline, inputs, seeds):
 
 
 def _fallback_policy(args):
+    from gmcert.compare import N_PILOT
     from gmcert.hybrid import FallbackPolicy, load_kl_per_class
 
-    kl = load_kl_per_class(args.model)
+    if not args.max_samples > N_PILOT:  # the smoother's pilot draws come out of the budget
+        raise DataError(f"--max-samples must exceed the smoother's {N_PILOT} pilot draws, got {args.max_samples}")
+    try:
+        kl = load_kl_per_class(args.model)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{Path(args.model) / 'mismatch.json'} is unreadable ({type(err).__name__}: {err}); "
+                        f"rerun `gmcert diagnose --model {args.model}`") from None
     if args.mismatch_threshold is not None and kl is None:
         raise DataError(f"--mismatch-threshold needs {args.model}/mismatch.json: run `gmcert diagnose --model "
                         f"{args.model}` first")
@@ -320,31 +313,19 @@ def _fallback_policy(args):
                           sigma=args.sigma, alpha=args.alpha, max_samples=args.max_samples, seed=args.seed)
 
 
-def _training_inputs(args, pipeline) -> Inputs:
-    """``--data``/``--latents`` if given, else the model's own training split."""
-    if args.latents or args.data:
-        data = {"latents": args.latents} if args.latents else {"data": args.data}
-        return load_inputs(args, data, channels=pipeline.metadata.get("channels", 3))
-    meta = pipeline.metadata
-    source = {k: meta[k] for k in ("latents", "data") if k in meta}
-    if not source:
-        raise DataError(f"model {args.model} does not record its data; pass --data or --latents")
-    inputs = load_inputs(args, source, channels=meta.get("channels", 3))
-    train = np.setdiff1d(np.arange(len(inputs.labels)), np.asarray(meta.get("test_index", []), dtype=np.int64))
-    return inputs.subset(train)
-
-
 def cmd_diagnose(args) -> int:
     from gmcert.mismatch import mismatch_report
-    from gmcert.pipeline import Pipeline
     from gmcert.report import write_json_atomic
 
-    pipeline = Pipeline.load(args.model, device=args.device, cache_dir=args.cache_dir or None)
-    inputs = _training_inputs(args, pipeline)
+    pipeline = load_model(args.model, device=args.device, cache_dir=args.cache_dir or None)
+    inputs, _ = model_inputs(args, pipeline, "train")
+    out = Path(args.out) if args.out else Path(args.model)
+    check_folder_target(out, "--out")
+    for name in ("mismatch.json", "mismatch.png"):
+        check_file_target(out / name, "--out")
     Z = pipeline.latents(inputs.x, dataset_identity=inputs.identity)
     report = mismatch_report(pipeline.head, Z, inputs.labels, k=args.k, n_bootstrap=args.bootstrap,
                              n_q_samples=args.q_samples, random_state=args.seed)
-    out = Path(args.out) if args.out else Path(args.model)
     print(report.table())
     if np.min(report.kl_per_class_interval) < 0:
         print("note: KL is never negative; negative estimates are the k-NN estimator's bias at this dimension and\n"
@@ -359,23 +340,24 @@ def cmd_diagnose(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from gmcert.compare import CompareConfig, run_compare
-    from gmcert.pipeline import Pipeline
+    from gmcert.compare import CompareConfig, check_run_dir, run_compare
 
     try:
         cohen_n = [int(float(n)) for n in args.cohen_n.split(",") if n.strip()]
-    except ValueError:
+    except (ValueError, OverflowError):
         raise DataError(f"--cohen-n must be comma-separated integers like 1e3,1e4, got {args.cohen_n!r}") from None
     radii = args.radii if args.radii is not None else list(np.linspace(0, 2 * args.sigma, 9))
     config = CompareConfig(methods=[m.strip() for m in args.methods.split(",") if m.strip()], sigma=args.sigma,
                            alpha=args.alpha, radii=[float(r) for r in radii], cohen_n=cohen_n, n0=args.n0,
                            max_samples=args.max_samples, radius_tol=args.radius_tol,
                            estimate=args.estimate, seed=args.seed)
-    pipeline = Pipeline.load(args.model, device=args.device, cache_dir=args.cache_dir or None)
-    args.limit = None
-    inputs, index = _certify_inputs(args, pipeline)
-    inputs, index = inputs.subset(np.arange(min(args.n_inputs, len(index)))), index[: args.n_inputs]
+    pipeline = load_model(args.model, device=args.device, cache_dir=args.cache_dir or None)
+    inputs, index = model_inputs(args, pipeline, "test")
+    keep = np.arange(min(args.n_inputs, len(index)))
+    inputs, index = inputs.subset(keep), index[keep]
     out = Path(args.out) if args.out else Path(args.model) / "compare"
+    check_folder_target(out, "--out")
+    check_run_dir(out, config)
     print(f"comparing {', '.join(config.method_names())} on {len(index)} inputs (sigma={config.sigma}, "
           f"alpha={config.alpha}, n0={config.n0}, sequential budget {config.max_samples}); "
           f"raise --n-inputs / --cohen-n for tighter figures", file=sys.stderr)
@@ -396,9 +378,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     commands = {"fit": cmd_fit, "certify": cmd_certify, "diagnose": cmd_diagnose, "compare": cmd_compare}
     try:
+        check_arguments(args)
         return commands[args.command](args)
     except GmcertError as err:
-        print(f"gmcert {args.command}: error: {err}", file=sys.stderr)
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"gmcert {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gmcert {args.command}: interrupted; partial results (if any) are kept for resuming", file=sys.stderr)

@@ -29,6 +29,7 @@ from gmcert.report import (
 )
 
 METHODS = ("gm-exact", "gm-closed", "cohen", "sequential")
+N_PILOT = 32  # the sequential smoother's pilot draws (``Smoother.certify_sequential``'s default)
 
 
 @dataclass
@@ -59,7 +60,11 @@ class CompareConfig:
         if bad or not self.radii:
             raise DataError(f"radii must be finite and >= 0, got {bad or self.radii}")
         if any(int(n) < 1 for n in self.cohen_n) or self.n0 < 1 or self.max_samples < 1:
-            raise DataError("cohen_n, n0 and max_samples must be positive")
+            raise DataError(f"cohen_n, n0 and max_samples must be positive, got {self.cohen_n}, {self.n0}, "
+                            f"{self.max_samples}")
+        if "sequential" in self.methods and not self.max_samples > N_PILOT:
+            raise DataError(f"max_samples ({self.max_samples}) must exceed the sequential smoother's "
+                            f"{N_PILOT} pilot draws")
         if not (math.isfinite(self.radius_tol) and self.radius_tol > 0):
             raise DataError(f"radius_tol must be a positive number (in units of sigma), got {self.radius_tol}")
 
@@ -112,7 +117,10 @@ def run_compare(pipeline, X, labels, index, out, config: CompareConfig, progress
     """Run every method of ``config`` on inputs ``X`` (with ``labels``, TSV ``index``) into ``out``."""
     from tqdm import tqdm
 
+    if len(index) == 0:
+        raise DataError("no inputs to compare")
     out = Path(out)
+    check_run_dir(out, config)
     out.mkdir(parents=True, exist_ok=True)
     _claim_run_dir(out, config)
     names = config.method_names()
@@ -134,22 +142,30 @@ def run_compare(pipeline, X, labels, index, out, config: CompareConfig, progress
     return write_reports(results, out, config, pipeline)
 
 
-def _claim_run_dir(out: Path, config: CompareConfig):
-    """Record the settings in ``out/config.json``; refuse to resume a run made with other settings
-    (its rows would be mixed with rows that answer a different question)."""
+def check_run_dir(out, config: CompareConfig) -> None:
+    """Refuse, without writing anything, to resume a run in ``out`` made with other settings (its
+    rows would be mixed with rows that answer a different question)."""
+    path = Path(out) / "config.json"
+    if not path.exists():
+        return
     wanted = json.loads(json.dumps(asdict(config)))  # as it reads back from JSON
+    try:
+        found = json.loads(path.read_text())
+    except (ValueError, OSError):
+        raise DataError(f"{path} is not valid JSON; delete it or choose another --out") from None
+    if not isinstance(found, dict):
+        raise DataError(f"{path} holds no compare settings; delete it or choose another --out")
+    changed = sorted(k for k in set(wanted) | set(found) if wanted.get(k) != found.get(k))
+    if changed:
+        raise DataError(f"{out} holds a compare run with other settings ({', '.join(changed)}); "
+                        f"rerun with the same settings to resume it, or choose another --out")
+
+
+def _claim_run_dir(out: Path, config: CompareConfig):
+    """Record the settings in ``out/config.json`` (a resumed run has checked them already)."""
     path = out / "config.json"
-    if path.exists():
-        try:
-            found = json.loads(path.read_text())
-        except ValueError:
-            raise DataError(f"{path} is not valid JSON; delete it or choose another --out") from None
-        changed = sorted(k for k in set(wanted) | set(found) if wanted.get(k) != found.get(k))
-        if changed:
-            raise DataError(f"{out} holds a compare run with other settings ({', '.join(changed)}); "
-                            f"rerun with the same settings to resume it, or choose another --out")
-    else:
-        write_json_atomic(path, wanted)
+    if not path.exists():
+        write_json_atomic(path, json.loads(json.dumps(asdict(config))))
 
 
 def write_reports(results: dict, out: Path, config: CompareConfig, pipeline=None) -> dict:
@@ -210,4 +226,4 @@ def plot_samples(results: dict, path) -> None:
     plt.close(fig)
 
 
-__all__ = ["CompareConfig", "METHODS", "run_compare"]
+__all__ = ["CompareConfig", "METHODS", "check_run_dir", "run_compare"]

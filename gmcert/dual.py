@@ -5,8 +5,12 @@ margin ``m``, the vector ``a`` and ``W = P_l - P_j`` arise, and for the shifted 
 radius is the distance ``r`` from 0 to ``{delta : m - 2 a^T delta + delta^T W delta <= 0}``.
 :func:`closed_form_radius` bounds it from ``lambda_min(W)`` alone; :func:`solve_dual` solves its
 S-lemma dual in W's eigenbasis; :func:`_optimal_direction` recovers the minimising ``delta``.
-Every value returned is a lower bound on the exact-arithmetic radius (roundings taken against us,
-``RADIUS_SHAVE`` off the end result).
+Every value returned is a lower bound on the exact-arithmetic radius of its inputs (roundings
+taken against us, ``RADIUS_SHAVE`` off the end result); the dual value is only trusted, for the
+radius and for the cutoff alike, once every rounding in it has been taken against us. Whether a
+value is also *exact* is reported separately (``settled``): near tangency (W > 0, ``m`` within
+rounding of ``a^T W^-1 a``) the optimum runs off to ``mu -> inf``, where ``phi`` cancels to
+noise; there the value returned is sound but may be far below the radius.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import numpy as np
 EPS = np.finfo(np.float64).eps
 RADIUS_SHAVE = 1e-9   # relative margin shaved off every reported radius
 DUAL_TOL = 1e-11      # the exact solver stops when its proven duality gap is below this (relative)
+SETTLE_TOL = 1e-9     # a converged row is settled if rounding moves its dual value less than this
 MAX_ITER = 200
 
 
@@ -43,7 +48,7 @@ def closed_form_radius(m, a_norm2, lam):
     return np.where((m > 0) & ~np.isnan(r), r * (1 - RADIUS_SHAVE), 0.0)  # NaN: certify nothing
 
 
-def solve_dual(m, b2, lam, tau0=None, cutoff2=None):
+def solve_dual(m, b2, lam, tau0=None, cutoff2=None, return_settled=False):
     """Maximise the S-lemma dual ``phi(mu) = mu m - mu^2 sum_i b2_i / (1 + mu lam_i)``, per row.
 
     ``phi`` is concave on ``[0, 1/max(0, -min lam))`` and, by weak duality, every feasible mu gives
@@ -54,7 +59,11 @@ def solve_dual(m, b2, lam, tau0=None, cutoff2=None):
     pole at ``tau = -lambda_min``: the trust-region trick), steps towards that edge taken in
     ``log(tau - edge)``, inside a bracket with bisection as fallback. A row stops when its
     proven gap (concavity: ``sup phi <= phi + |phi'|`` times the bracket width in mu) is below
-    ``DUAL_TOL`` relative, or once ``phi >= cutoff2``.
+    ``DUAL_TOL`` relative, or once ``phi >= cutoff2``. Near tangency the iterates' phi is rounding
+    noise (its sign included), so neither the gap nor the cutoff test is trusted as such: phi at
+    the best iterate is bounded from below with every rounding against us, a row counts as cut
+    only if that bound reaches ``cutoff2``, and as settled only if it converged and rounding cost
+    it less than ``SETTLE_TOL``.
 
     Parameters
     ----------
@@ -67,14 +76,21 @@ def solve_dual(m, b2, lam, tau0=None, cutoff2=None):
         Starting ``1/mu``; default: the optimum when every eigenvalue is replaced by their
         ``b2``-weighted mean ``a^T W a / ||a||^2``.
     cutoff2 : ndarray (P,), optional
-        Rows whose phi exceeds this stop early and report it (their radius is not the minimum).
+        Rows whose phi exceeds this stop early (their radius is not the minimum).
+    return_settled : bool
+        Also return ``settled``.
 
     Returns
     -------
     tau : ndarray (P,)
         Final ``1/mu`` (0 where the pair is proven never to flip).
     r2 : ndarray (P,)
-        Lower bound on the squared radius: inf where proven unbounded, ``cutoff2`` where cut off.
+        Lower bound on the squared radius: inf where proven unbounded, ``>= cutoff2`` where cut
+        off, 0 where no iterate gave a positive rounded-down value.
+    settled : ndarray (P,) bool, only with ``return_settled``
+        ``r2`` is the exact squared radius of these inputs to within ``DUAL_TOL + 2 SETTLE_TOL``
+        (relative), or is proven ``>= cutoff2``. False for rows that hit ``MAX_ITER``, were cut on
+        a value that did not survive rounding, or lost more than ``SETTLE_TOL`` to rounding.
     """
     P = len(m)
     lmin = lam.min(axis=1)
@@ -84,6 +100,9 @@ def solve_dual(m, b2, lam, tau0=None, cutoff2=None):
     unbounded = np.zeros(P, bool)
     pos = lmin > 0
     if pos.any():  # W > 0 strictly: the expression's minimum is m - a^T W^-1 a
+        # Sound: the quotients and their sum err by (d+1) eps/2 relative at most, far inside the
+        # 1e-9, which also covers the rounding of b2 = (Q^T a)^2 upstream; a margin or eigenvalues
+        # taken too low (the shaved margin, the shifted eigenvalues) only make the test harder.
         unbounded[pos] = m[pos] > (b2[pos] / lam[pos]).sum(axis=1) * (1 + 1e-9)
     if tau0 is None:  # optimum of the model with every eigenvalue at the b2-weighted mean
         b_norm2 = b2.sum(axis=1)
@@ -93,7 +112,8 @@ def solve_dual(m, b2, lam, tau0=None, cutoff2=None):
     with np.errstate(invalid="ignore"):
         tau = np.where(np.isfinite(tau0) & (tau0 > lo), tau0, lo + 0.1 * np.maximum(lo, 1e-3))
     cut = np.full(P, np.inf) if cutoff2 is None else np.asarray(cutoff2) * (1 + 1e-6)
-    best_tau, best_phi = np.full(P, np.inf), np.zeros(P)
+    best_tau, best_phi, best_w = np.full(P, np.inf), np.zeros(P), np.zeros(P)
+    converged = np.zeros(P, bool)
     idx = np.flatnonzero(~unbounded)
     work = [b2, lam, m, tau, lo, hi, edge, cut, np.zeros(P, bool)]
     if idx.size < P:
@@ -110,9 +130,10 @@ def solve_dual(m, b2, lam, tau0=None, cutoff2=None):
         v = be.sum(axis=1)
         y = np.einsum("pd,pd->p", be, e)
         slope = M_ - w - T * v  # phi'(mu)
-        phi = np.where(DONE, -np.inf, (M_ - w) / T)  # finished rows keep their best iterate
+        with np.errstate(divide="ignore", over="ignore"):  # tau -> 0 near tangency: noise, see below
+            phi = np.where(DONE, -np.inf, (M_ - w) / T)  # finished rows keep their best iterate
         better = phi > best_phi[idx]
-        best_phi[idx[better]], best_tau[idx[better]] = phi[better], T[better]
+        best_phi[idx[better]], best_tau[idx[better]], best_w[idx[better]] = phi[better], T[better], w[better]
         rising = slope > 0  # mu below the optimum, so tau above it
         HI = np.where(rising, T, HI)
         LO = np.where(rising, LO, T)
@@ -125,34 +146,32 @@ def solve_dual(m, b2, lam, tau0=None, cutoff2=None):
         inside = (newton > LO) & (newton < HI)
         T = np.where(inside, newton, np.where(np.isfinite(HI), 0.5 * (LO + HI), 2 * T + 1.0))
         narrow = np.isfinite(HI) & (HI - LO <= 4 * EPS * HI)
-        DONE = DONE | (gap <= DUAL_TOL * phi) | narrow | (phi >= CUT)
+        conv = (gap <= DUAL_TOL * phi) | narrow
+        converged[idx[conv & ~DONE]] = True  # finished rows iterate on but no longer count
+        DONE = DONE | conv | (phi >= CUT)
         work = [B2, L, M_, T, LO, HI, EDGE, CUT, DONE]
         if DONE.all():
             break
         if DONE.sum() > 0.2 * DONE.size:  # compacting copies, so only once enough have finished
             idx = idx[~DONE]
             work = [x[~DONE] for x in work]
-    # rows stopped by the cutoff report the cutoff itself: phi exceeded it with room for rounding
-    was_cut = best_phi >= cut
-    r2 = np.where(was_cut, cutoff2 if cutoff2 is not None else 0.0, 0.0)
-    rest = np.flatnonzero(~was_cut & ~unbounded)
-    r2[rest] = _phi_rounded_down(best_tau[rest], m[rest], b2[rest], lam[rest])
-    r2[unbounded] = np.inf
+    # phi at the best iterate with every rounding against us. fl(tau + lam) (both exact inputs),
+    # its reciprocal, the product with b2 and the sum of d positive terms each err by at most
+    # eps/2 relative, so w (1 + 4 (d+2) eps) is above the exact sum; the subtraction, the division
+    # and this product lose at most eps/2 each, which (1 - 4 eps) takes back.
+    # Rows that never improved (tau = inf) get 0; so do overflows, which only a noise-driven
+    # tau -> 0 produces: inf would read as "never flips".
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        r2 = (m - best_w * (1 + 4 * (b2.shape[1] + 2) * EPS)) / best_tau * (1 - 4 * EPS)
+    r2 = np.where(unbounded, np.inf, np.where((r2 > 0) & np.isfinite(r2), r2, 0.0))
     best_tau[unbounded] = 0.0
-    return best_tau, r2
-
-
-def _phi_rounded_down(tau, m, b2, lam):
-    """``phi = (m - sum b2/(tau+lam)) / tau`` with every rounding taken against us."""
-    finite = np.isfinite(tau)
-    tau = np.where(np.isfinite(tau), tau, 1.0)  # unsolved rows (phi = 0) are masked below
-    den = tau[:, None] + lam
-    den_low = den - 4 * EPS * (np.abs(tau[:, None]) + np.abs(lam))
-    ok = (den_low > 0).all(axis=1) & finite
-    with np.errstate(divide="ignore", invalid="ignore"):
-        w = (b2 / np.where(den_low > 0, den_low, 1.0)).sum(axis=1) * (1 + 4 * (b2.shape[1] + 2) * EPS)
-        phi = (m - w) / tau * (1 - 4 * EPS)
-    return np.where(ok & (phi > 0), phi, 0.0)
+    if not return_settled:
+        return best_tau, r2
+    # a large rounding loss means the iterates' phi (and so the gap and the bracket) were noise
+    settled = unbounded | (converged & (r2 > 0) & (r2 >= best_phi * (1 - SETTLE_TOL)))
+    if cutoff2 is not None:
+        settled |= r2 >= cutoff2  # proven no closer than the cutoff: not the minimum
+    return best_tau, r2, settled
 
 
 def _unit(v, r):

@@ -317,7 +317,11 @@ def _build(card: EncoderCard, pretrained: bool):
     if not pretrained or card.weights["source"] == "none":
         if pretrained:
             raise WeightsUnavailableError(f"card {card.name} has no weights source; use pretrained=False")
-        return timm.create_model(card.architecture, pretrained=False, num_classes=card.num_classes), RANDOM_INIT
+        # Seeded, so that a saved random-init model rebuilds the very network it was fitted on
+        # (its description, and so its Lipschitz constant, stays true across loads).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return timm.create_model(card.architecture, pretrained=False, num_classes=card.num_classes), RANDOM_INIT
     source = card.weights["source"]
     if source == "timm":
         path = _timm_weights_file(card)

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gmcert.atomic import atomic_write
-from gmcert.errors import DataError
+from gmcert.errors import DataError, ModelFileError
 
 CACHE_VERSION = 1
 
@@ -24,6 +24,38 @@ CACHE_VERSION = 1
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def describe_encoder(encoder) -> dict:
+    """What identifies an encoder's function: an :class:`~gmcert.encoders.Encoder`'s card and weights
+    hash, or for any other module its structure and a checksum of its parameters and buffers."""
+    if hasattr(encoder, "describe"):
+        return encoder.describe()
+    digest = hashlib.sha256()
+    for name, tensor in encoder.state_dict().items():
+        digest.update(name.encode() + str(tensor.dtype).encode()
+                      + tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return {"module": type(encoder).__name__, "structure": repr(encoder), "state_sha256": digest.hexdigest()}
+
+
+def check_same_encoder(saved, rebuilt, name) -> None:
+    """A loaded model's encoder must be the one it was fitted (and its Lipschitz constant computed)
+    with: a changed card (mean, std, input size, interpolation, weights file) or weights is refused."""
+    rebuilt = json.loads(json.dumps(rebuilt, default=str))  # as the saved JSON has it
+    if saved is None or saved == rebuilt:
+        return
+    changed = _differences(saved, rebuilt)
+    raise ModelFileError(name, "foreign", "the encoder differs from the one this model was fitted with: "
+                         + "; ".join(changed[:4]) + ("; ..." if len(changed) > 4 else ""))
+
+
+def _differences(saved, rebuilt, prefix="") -> list:
+    if isinstance(saved, dict) and isinstance(rebuilt, dict):
+        out = []
+        for key in sorted(set(saved) | set(rebuilt), key=str):
+            out += _differences(saved.get(key), rebuilt.get(key), f"{prefix}{key}.")
+        return out
+    return [] if saved == rebuilt else [f"{prefix[:-1]} was {saved!r}, now {rebuilt!r}"]
 
 
 def latent_cache_key(encoder, dataset_identity: str, transform: dict | None = None) -> str:
@@ -39,14 +71,7 @@ def latent_cache_key(encoder, dataset_identity: str, transform: dict | None = No
     transform : dict, optional
         Anything else that changes the latents (e.g. a noise level, an image subset).
     """
-    if hasattr(encoder, "describe"):
-        described = encoder.describe()
-    else:
-        digest = hashlib.sha256()
-        for name, tensor in encoder.state_dict().items():
-            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-        described = {"module": type(encoder).__name__, "state_sha256": digest.hexdigest()}
-    payload = {"version": CACHE_VERSION, "encoder": described, "dataset": dataset_identity,
+    payload = {"version": CACHE_VERSION, "encoder": describe_encoder(encoder), "dataset": dataset_identity,
                "transform": transform or {}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:40]
 

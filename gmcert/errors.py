@@ -20,3 +20,8 @@ class ModelFileError(GmcertError, ValueError):
 
 class WeightsUnavailableError(GmcertError, RuntimeError):
     """Pretrained weights are neither cached nor downloadable; the message says how to supply them."""
+
+
+class OutputPathError(GmcertError, ValueError):
+    """An output path that cannot take what a command writes: a folder where a file goes (or the
+    reverse), a parent that is a file, or a folder of someone else's that would be replaced."""

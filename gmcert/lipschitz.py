@@ -230,8 +230,6 @@ def _op_bound(op, nxt):
         return float(_bn_scale(m).abs().max()) * _SLACK, False
     if op.kind == "normalize":
         return float((1.0 / m.std.double()).abs().max()) * _SLACK, False
-    if op.kind == "residual":
-        return 1.0 + _bound_ops(op.body, [])[0], False
     if op.kind == "global_avg":
         return 1.0 / math.sqrt(shape[1] * shape[2]) * _SLACK, False
     if op.kind == "maxpool":
@@ -255,14 +253,30 @@ def _op_bound(op, nxt):
     return op.lip, False  # act, flatten
 
 
-def _bound_ops(ops, layers):
-    total, i = 1.0, 0
+@dataclass
+class _Group:
+    """A factor of the product bound: an op, the BatchNorm folded into it (or None), its bound ``value``;
+    a residual block has its body's groups (value 1 + their product). gmcert.rounding walks these too."""
+    op: _Op
+    bn: _Op | None
+    value: float
+    body: list = field(default_factory=list)
+
+
+def _groups(ops) -> list:
+    groups, i = [], 0
     while i < len(ops):
+        if ops[i].kind == "residual":
+            body, total = _groups(ops[i].body), 1.0
+            for g in body:
+                total *= g.value
+            groups.append(_Group(ops[i], None, 1.0 + total, body))
+            i += 1
+            continue
         value, folded = _op_bound(ops[i], ops[i + 1] if i + 1 < len(ops) else None)
-        layers.append((ops[i].name + ("+bn" if folded else ""), value))
-        total *= value
+        groups.append(_Group(ops[i], ops[i + 1] if folded else None, value))
         i += 2 if folded else 1
-    return total, layers
+    return groups
 
 
 def _traced_ops(module, input_shape, seed=0):
@@ -273,7 +287,8 @@ def _traced_ops(module, input_shape, seed=0):
     ops = _ops(module, type(module).__name__)
     param = next(module.parameters(), None)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.rand((2, *input_shape), generator=gen).to(param.device if param is not None else "cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    x = torch.rand((2, *input_shape), generator=gen).to(param.device if param is not None else "cpu", dtype)
     with torch.no_grad():
         want, got = module(x), _replay(ops, x)
     if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-4, atol=1e-5 * float(want.abs().max())):
@@ -284,7 +299,8 @@ def _traced_ops(module, input_shape, seed=0):
 
 def layer_bounds(module, input_shape) -> list:
     """[(layer name, upper bound on its Lipschitz constant)] in forward order, for ``(C, H, W)`` inputs."""
-    return _bound_ops(_traced_ops(module, tuple(input_shape)), [])[1]
+    return [(g.op.name + ("+bn" if g.bn is not None else ""), g.value)
+            for g in _groups(_traced_ops(module, tuple(input_shape)))]
 
 
 def spectral_bound(module, input_shape) -> float:

@@ -291,16 +291,18 @@ class GaussianMixtureClassifier(ClassifierMixin, BaseEstimator):
         scores = self._class_scores(self._check_latents(Z))
         return scores / 2 - np.log(self.priors_) - d / 2 * np.log(2 * np.pi)
 
-    def certify(self, Z, method="exact", return_direction=False, n_jobs=None):
+    def certify(self, Z, method="exact", return_direction=False, n_jobs=None, return_exact=False):
         """Predicted labels and certified latent L2 radii (see :func:`gmcert.certificates.certify`,
-        which also documents ``return_direction`` and ``n_jobs``).
+        which also documents ``return_direction``, ``n_jobs`` and ``return_exact``).
 
         Returns ``(labels (n,), radius (n,) float64)``, plus unit directions ``(n, d)`` with
-        ``return_direction=True``. With several components per class the radii are the sound
-        shifted-margin bound (not exact).
+        ``return_direction=True``, plus ``exact (n,) bool`` with ``return_exact=True`` (in that
+        order): True where the radius is the exact one, not only a sound lower bound. With several
+        components per class the radii are the sound shifted-margin bound (never exact).
         """
         Z = self._check_latents(Z)
-        out = certificates.certify(self._geometry, Z, method, return_direction=return_direction, n_jobs=n_jobs)
+        out = certificates.certify(self._geometry, Z, method, return_direction=return_direction, n_jobs=n_jobs,
+                                   return_exact=return_exact)
         return (self.classes_[out[0]],) + tuple(out[1:])
 
     def sample(self, n, random_state=None):

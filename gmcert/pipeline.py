@@ -11,6 +11,7 @@ Encoders:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gmcert.dual import EPS, RADIUS_SHAVE
 from gmcert.errors import DataError, ModelFileError
 from gmcert.mixture import GaussianMixtureClassifier
 from gmcert.results import ABSTAIN, Certificate
@@ -27,6 +29,9 @@ FORMAT = "gmcert-pipeline"
 FORMAT_VERSION = 1
 LINEAR_ENCODERS = ("none", "identity")
 LIPSCHITZ_MODES = ("auto", "bound", "estimate")
+#: An ``exact`` latent radius is within the dual solver's tolerance and the shave of the true one;
+#: this relative margin (far wider than both) gives a sound upper end for routing.
+UPPER_TOL = 1e-7
 
 
 def default_head() -> GaussianMixtureClassifier:
@@ -39,8 +44,9 @@ class Pipeline:
 
     Parameters
     ----------
-    encoder : str, default "efficientnet_lite0"
-        ``none``, ``identity``, an encoder card name or path, or ``timm:<model>``.
+    encoder : str or torch.nn.Module, default "efficientnet_lite0"
+        ``none``, ``identity``, an encoder card name or path, ``timm:<model>``, or any torch module
+        mapping ``(N, C, H, W)`` pixels to ``(N, D)`` latents (such a pipeline cannot be saved).
     projection : {"pca", "none"}, default "pca"
     n_components : int, default 64
         PCA output dimension (ignored for ``projection="none"``).
@@ -57,6 +63,9 @@ class Pipeline:
 
     def __init__(self, encoder="efficientnet_lite0", projection="pca", n_components=64, head=None,
                  pretrained=True, batch_size=64, device=None, cache_dir=None):
+        self._encoder = None
+        if not isinstance(encoder, str):
+            self._encoder, encoder = encoder.eval(), "module"
         self.encoder_name = encoder
         self.projection_kind = projection
         self.n_components = n_components
@@ -66,9 +75,10 @@ class Pipeline:
         self.device = device
         self.cache_dir = cache_dir
         self.projection = None
-        self.lipschitz_ = None  # (L, kind) of encoder + projection, computed once
+        self.lipschitz_ = {}  # encoder key (input shape, description) -> L of the encoder
         self.metadata = {}
-        self._encoder = None
+        self._saved_description = None  # what a loaded model's encoder must still be
+        self._error_bounds = {}  # input shape -> ForwardErrorBound (layer norms computed once)
 
     # -- latents ---------------------------------------------------------------------------
     @property
@@ -83,9 +93,20 @@ class Pipeline:
                 self._encoder = torch.nn.Flatten()
             else:
                 from gmcert.encoders import load_encoder
+                from gmcert.encoding import check_same_encoder
 
-                self._encoder = load_encoder(self.encoder_name, pretrained=self.pretrained, device=self.device)
+                encoder = load_encoder(self.encoder_name, pretrained=self.pretrained, device=self.device)
+                check_same_encoder(self._saved_description, encoder.describe(), self.encoder_name)
+                self._encoder = encoder
         return self._encoder
+
+    def encoder_description(self) -> dict:
+        """What identifies the encoder's function: card and weights hash, or a module's checksum."""
+        if self.encoder_name in LINEAR_ENCODERS:
+            return {"encoder": self.encoder_name}
+        from gmcert.encoding import describe_encoder
+
+        return describe_encoder(self.encoder)
 
     def raw_latents(self, X, dataset_identity: str | None = None) -> np.ndarray:
         """Encoder outputs ``(n, D)`` float64, before projection."""
@@ -141,7 +162,6 @@ class Pipeline:
                                           None if self.projection_kind == "none" else self.n_components)
         self.head.fit(self.projection.fit_transform(Z), y)
         self.input_shape_ = tuple(np.shape(X)[1:])
-        self.lipschitz_ = None
         return self
 
     def predict(self, X, dataset_identity: str | None = None) -> np.ndarray:
@@ -152,27 +172,66 @@ class Pipeline:
             raise DataError("this Pipeline is not fitted yet: call fit() or Pipeline.load()")
 
     # -- input-space radius ----------------------------------------------------------------
-    def input_lipschitz(self, mode: str = "auto"):
-        """``(L, kind)`` for the map pixels -> z, with ``kind`` in {exact, bound}.
+    def input_lipschitz(self, mode: str = "auto", input_shape=None):
+        """``(L, kind)`` for the map pixels -> z on inputs of ``input_shape``, ``kind`` in {exact, bound}.
 
-        ``auto``: exact for the linear encoders (orthonormal rows: L = 1), else the sound global
-        spectral bound. Computed once per pipeline and saved with it.
+        ``input_shape`` ``(C, H, W)`` defaults to the fitted one. ``auto``: exact for the linear
+        encoders when the projection is an isometry up to the shave, else the sound global spectral
+        bound. The encoder's constant depends on the input size (its resize) and on the encoder
+        itself, so it is kept per (input shape, encoder description), saved with the model, and
+        recomputed for any other shape or encoder.
         """
         if mode not in LIPSCHITZ_MODES:
             raise DataError(f"lipschitz mode must be one of {LIPSCHITZ_MODES}, got {mode!r}")
-        if self.lipschitz_ is None:
-            self._check_fitted()
-            L_projection = self.projection.lipschitz_constant()
-            if self.encoder_name in LINEAR_ENCODERS:
-                # Flatten and PCA (no whitening) have orthonormal rows: ||P dx|| <= ||dx|| and the
-                # nearest flip in z lifts back to pixels at the same distance (P P^T = I).
-                self.lipschitz_ = (float(L_projection), "exact" if L_projection == 1.0 else "bound")
-            else:
-                from gmcert.lipschitz import lipschitz_constant
+        self._check_fitted()
+        L_projection = self.projection.lipschitz_constant()
+        if self.encoder_name in LINEAR_ENCODERS:
+            # Flatten and PCA (no whitening): ||P dx|| <= ||P|| ||dx||, and when every singular value
+            # is 1 the nearest flip in z lifts back to pixels at the same distance.
+            return L_projection, "exact" if self.projection.is_isometry() else "bound"
+        shape = tuple(int(v) for v in (input_shape if input_shape is not None else self.input_shape_))
+        key = self._encoder_key(shape)
+        if key not in self.lipschitz_:
+            self.lipschitz_[key] = {"input_shape": list(shape), "L": float(self._error_bound(shape).lipschitz)}
+        return self.lipschitz_[key]["L"] * L_projection * (1 + 4 * EPS), "bound"
 
-                L_encoder, _ = lipschitz_constant(self.encoder, "bound", input_shape=self.input_shape_)
-                self.lipschitz_ = (float(L_encoder) * float(L_projection), "bound")
-        return self.lipschitz_
+    def _encoder_key(self, shape) -> str:
+        payload = json.dumps({"input_shape": list(shape), "encoder": self.encoder_description()},
+                             sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+    def _error_bound(self, shape):
+        """The encoder's layer bounds and rounding-error analysis for inputs of ``shape`` (cached)."""
+        import torch
+
+        from gmcert.rounding import ForwardErrorBound
+
+        key = self._encoder_key(shape)
+        if key not in self._error_bounds:
+            # float32, as the encoder is deployed: the bound covers its rounding, at half the cost
+            # of a float64 pass on CPUs (and a fraction of it on GPUs)
+            self._error_bounds[key] = ForwardErrorBound(self.encoder, shape, dtype=torch.float32)
+        return self._error_bounds[key]
+
+    def certified_latents(self, X):
+        """Head inputs ``z`` ``(n, d)`` float64 and a sound bound ``(n,)`` on ``||z - z_exact||``.
+
+        ``z_exact`` is what exact arithmetic would give. The encoder runs in float32 as deployed,
+        and :class:`gmcert.rounding.ForwardErrorBound` bounds its rounding error (TF32 and FFT or
+        Winograd convolutions off); the projection's float64 rounding is bounded and added.
+        """
+        self._check_fitted()
+        if self.encoder_name in LINEAR_ENCODERS:
+            raw = self.raw_latents(X)
+            return self.projection.transform(raw), self.projection.transform_error(raw)
+        X = np.asarray(X)
+        if X.ndim != 4:
+            raise DataError(f"images must have shape (N, C, H, W), got {X.shape}")
+        if not np.all(np.isfinite(X)):
+            raise DataError("images contain NaN or inf")
+        raw, err = self._error_bound(X.shape[1:])(X, batch_size=self.batch_size, device=self.device)
+        err = err * self.projection.lipschitz_constant() + self.projection.transform_error(raw)
+        return self.projection.transform(raw), err * (1 + 8 * EPS)
 
     def _estimate_lipschitz(self, x) -> float:
         """CLEVER-style local estimate at one input: NOT sound (kind ``estimate``)."""
@@ -187,33 +246,42 @@ class Pipeline:
     def certify(self, X, method: str = "exact", lipschitz: str = "auto", dataset_identity=None):
         """Closed-form certificates, one :class:`Certificate` per input.
 
-        ``lipschitz="estimate"`` (card encoders only) divides by a local CLEVER-style estimate and
-        labels the radius ``estimate``; otherwise the radius is ``exact`` or ``bound``.
+        The certificate is for the pipeline's exact-arithmetic function: the latent radius computed
+        at the float latent loses the bound on that latent's rounding error (the latent radius is
+        1-Lipschitz in z), then is divided by the input Lipschitz constant for this input shape.
+        ``extra["radius_upper"]`` bounds the same quantity from above (``inf`` where the latent
+        radius is only a lower bound): hybrid routing uses both. ``lipschitz="estimate"`` (card
+        encoders only) divides by a local CLEVER-style estimate and labels the radius
+        ``estimate``; otherwise the radius is ``exact`` or ``bound``, row by row.
         """
         start = time.perf_counter()
-        Z = self.latents(X, dataset_identity)
-        pred, latent_radius = self.head.certify(Z, method=method)
+        Z, err = self.certified_latents(X)
+        pred, computed, exact = self.head.certify(Z, method=method, return_exact=True)
+        # sound for z_exact, rounded down; an exact computed radius is also within the solver's
+        # tolerance of the true one, which gives the upper end
+        latent_radius = np.maximum(computed - err, 0.0) * (1 - 4 * EPS)
+        latent_upper = np.where(exact, computed * (1 + UPPER_TOL) + err, np.inf)
         if lipschitz == "estimate" and self.encoder_name not in LINEAR_ENCODERS:
             import torch
             from tqdm import tqdm
 
             images = torch.as_tensor(np.asarray(X), dtype=torch.float32)
             L = np.array([self._estimate_lipschitz(images[i:i + 1])
-                          for i in tqdm(range(len(images)), desc="CLEVER estimate", unit="input")])
-            kind = "estimate"
+                          for i in tqdm(range(len(images)), desc="CLEVER estimate", unit="input", delay=2)])
+            kinds = np.full(len(Z), "estimate")
         else:
-            L, kind = self.input_lipschitz(lipschitz)
+            L, kind = self.input_lipschitz(lipschitz, input_shape=np.shape(X)[1:])
             L = np.full(len(Z), L)
-            # The latent radius itself is exact only from the exact dual with one Gaussian per
-            # class; the per-pair closed form and the multi-component bound are lower bounds.
-            if kind == "exact" and not (method == "exact" and self.head.n_components_per_class == 1):
-                kind = "bound"
+            # exact only where the head's radius is exact and the latent's rounding is within the shave
+            exact_row = exact & (err <= RADIUS_SHAVE * computed)
+            kinds = np.where(exact_row & (kind == "exact"), "exact", "bound")
         per_point = (time.perf_counter() - start) / max(len(Z), 1)  # the estimates' cost included
         return [
-            Certificate(prediction=int(p), radius=float(r / l), radius_kind=kind,
+            Certificate(prediction=int(p), radius=float(r / l * (1 - 4 * EPS)), radius_kind=str(k),
                         path="closed_form", samples=1, stop_reason="closed_form",
-                        latent_radius=float(r), time=per_point)
-            for p, r, l in zip(pred, latent_radius, L)
+                        latent_radius=float(r), time=per_point,
+                        extra={"radius_upper": float(u / l * (1 + 4 * EPS)), "latent_error": float(e)})
+            for p, r, u, l, k, e in zip(pred, latent_radius, latent_upper, L, kinds, err)
         ]
 
     # -- torch view ------------------------------------------------------------------------
@@ -258,11 +326,14 @@ class Pipeline:
                 "format": FORMAT, "format_version": FORMAT_VERSION, "encoder": self.encoder_name,
                 "pretrained": self.pretrained, "projection": self.projection_kind,
                 "n_components": self.n_components, "input_shape": list(self.input_shape_),
-                "lipschitz": list(self.lipschitz_) if self.lipschitz_ else None,
+                "lipschitz": self.lipschitz_,
                 "batch_size": self.batch_size, **self.metadata,
             }
+            if self.encoder_name == "module":
+                raise DataError("a pipeline with a custom torch encoder cannot be saved: give the encoder "
+                                "as an encoder card (a .toml path) so that it can be rebuilt and checked")
             if self.encoder_name not in LINEAR_ENCODERS:
-                meta["encoder_description"] = self.encoder.describe()
+                meta["encoder_description"] = self.encoder_description()
             (tmp / "pipeline.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
             self.head.save(tmp / "head.npz")
             save_arrays(tmp / "projection.npz", {"format": "gmcert-projection", "format_version": 1},
@@ -299,7 +370,11 @@ class Pipeline:
         _, arrays = load_arrays(path / "projection.npz", "gmcert-projection", max_version=1)
         pipeline.projection = projection_from_arrays(arrays)
         pipeline.input_shape_ = tuple(meta["input_shape"])
-        pipeline.lipschitz_ = tuple(meta["lipschitz"]) if meta.get("lipschitz") else None
+        # The saved constants are a record, never trusted: a model file may come from someone else,
+        # so they are recomputed from the rebuilt encoder (which must match its saved description).
+        pipeline._saved_description = meta.get("encoder_description")
+        if meta["encoder"] not in LINEAR_ENCODERS and pipeline._saved_description is None:
+            raise ModelFileError(meta_path, "corrupt", "no encoder_description: cannot check the encoder")
         known = {"format", "format_version", "encoder", "pretrained", "projection", "n_components",
                  "input_shape", "lipschitz", "batch_size", "encoder_description"}
         pipeline.metadata = {k: v for k, v in meta.items() if k not in known}

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gmcert.dual import EPS, RADIUS_SHAVE
 from gmcert.errors import DataError, ModelFileError
 
 PROJECTIONS = ("pca", "none")
@@ -85,9 +86,42 @@ class PCAProjection:
     def fit_transform(self, Z) -> np.ndarray:
         return self.fit(Z).transform(Z)
 
+    def singular_value_range(self) -> tuple:
+        """``(lower bound on sigma_min, upper bound on sigma_max)`` of ``components_``, in float64.
+
+        From the eigenvalues of the Gram matrix ``C C^T``, widened by the rounding error of forming
+        it (``gamma_d |C||C|^T``, at most ``gamma_d k`` in norm with unit rows) and the eigensolver's
+        backward error. Rows orthonormal to 1e-10 are not orthonormal: the map's true norm is used.
+        """
+        _check_fitted(self)
+        C = self.components_
+        k, d = C.shape
+        eig = np.linalg.eigvalsh(C @ C.T)
+        err = _gamma(d) * (np.abs(C) @ np.abs(C).T).sum(axis=1).max() + 16 * k * EPS * abs(eig[-1])
+        return float(np.sqrt(max(eig[0] - err, 0.0))), float(np.sqrt(eig[-1] + err) * (1 + 4 * EPS))
+
     def lipschitz_constant(self) -> float:
-        """1: orthonormal rows have spectral norm exactly 1 (checked on load)."""
-        return 1.0
+        """Sound upper bound on the spectral norm of ``components_`` (1 up to rounding for PCA)."""
+        return self.singular_value_range()[1]
+
+    def is_isometry(self) -> bool:
+        """Every singular value within ``RADIUS_SHAVE`` of 1: the nearest flip in z lifts back to the
+        input at the same distance up to the shave, so input radii may be called ``exact``."""
+        low, high = self.singular_value_range()
+        return 1 - RADIUS_SHAVE <= low and high <= 1 + RADIUS_SHAVE
+
+    def transform_error(self, Z) -> np.ndarray:
+        """Per-row bound ``(n,)`` on ``||transform(Z) - (Z - mean) C^T||_2`` (float64 rounding).
+
+        ``fl(Z - mean)`` errs by ``u |Z - mean|`` and each dot product of d terms by
+        ``gamma_d |Z - mean| |C|^T``; the bound itself is evaluated with positive terms only, so
+        inflating it by ``gamma_{d+2}`` covers its own rounding.
+        """
+        _check_fitted(self)
+        Z = _as_matrix(Z, "Z")
+        d = Z.shape[1]
+        bound = (np.abs(Z) + np.abs(self.mean_)) @ np.abs(self.components_).T
+        return np.linalg.norm(bound, axis=1) * _gamma(d + 2) * (1 + _gamma(d + 2))
 
     def to_torch(self, dtype=torch.float32) -> ProjectionLayer:
         """The projection as a module (for smoothing the whole pipeline and Lipschitz bounds)."""
@@ -140,6 +174,13 @@ class IdentityProjection:
     def lipschitz_constant(self) -> float:
         return 1.0
 
+    def is_isometry(self) -> bool:
+        return True
+
+    def transform_error(self, Z) -> np.ndarray:
+        """The identity computes nothing: no rounding error."""
+        return np.zeros(len(_as_matrix(Z, "Z")))
+
     def to_torch(self, dtype=torch.float32) -> nn.Module:
         return nn.Flatten(1)
 
@@ -170,6 +211,12 @@ def projection_from_arrays(arrays: dict):
     if kind == "none":
         return IdentityProjection()
     raise ModelFileError("projection", "corrupt", f"unknown projection kind {kind!r}")
+
+
+def _gamma(n: int) -> float:
+    """Higham's ``gamma_n = n u / (1 - n u)``: relative error bound of an n-term float64 sum of products."""
+    u = EPS / 2
+    return n * u / (1 - n * u)
 
 
 def _as_matrix(Z, name):

@@ -19,6 +19,7 @@ import numpy as np
 from scipy.stats import beta
 
 from gmcert.atomic import atomic_write, save_figure
+from gmcert.errors import DataError
 from gmcert.results import SOUND_KINDS, Certificate
 
 COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
@@ -81,6 +82,7 @@ class CertifyWriter:
 
     With ``resume=True`` an existing ``.partial`` (from a killed run) is kept: ``done`` holds its
     row indices, and a torn last line is dropped. A finished ``path`` is never appended to.
+    Nothing is created before the first row, so a run that fails before it leaves no file.
     """
 
     def __init__(self, path, columns=COLUMNS, resume: bool = True):
@@ -88,25 +90,32 @@ class CertifyWriter:
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.columns = tuple(columns)
         self.rows: list[dict] = []
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume and self.partial.exists():
+        self._resumed = resume and self.partial.exists()
+        if self._resumed:
             self.rows = self._recover()
-        else:
-            self.partial.write_text("\t".join(self.columns) + "\n")
         self.done = {row["idx"] for row in self.rows}
-        self._file = open(self.partial, "a")
+        self._file = None
 
     def _recover(self) -> list[dict]:
         text = self.partial.read_text()
         lines = text.split("\n")
         if lines[0].split("\t") != list(self.columns):
-            raise ValueError(f"{self.partial}: columns differ from this run's; delete it to start over")
+            raise DataError(f"{self.partial}: columns differ from this run's; delete it to start over")
         complete = [line for line in lines[1:-1] if len(line.split("\t")) == len(self.columns)]
+        try:
+            rows = [_parse_row(list(self.columns), line.split("\t")) for line in complete]
+        except ValueError as err:
+            raise DataError(f"{self.partial}: unreadable row ({err}); delete it to start over") from None
         # Rewrite without any torn final line, so appends start on a clean line.
         self.partial.write_text("\n".join([lines[0], *complete]) + "\n")
-        return [_parse_row(list(self.columns), line.split("\t")) for line in complete]
+        return rows
 
     def write(self, row: dict) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.partial, "a" if self._resumed else "w")
+            if not self._resumed:
+                self._file.write("\t".join(self.columns) + "\n")
         self._file.write("\t".join(_format_value(c, row[c]) for c in self.columns) + "\n")
         self._file.flush()
         self.rows.append(row)
@@ -114,7 +123,8 @@ class CertifyWriter:
 
     def close(self) -> list[dict]:
         """Finish: rows sorted by idx, rewritten atomically to ``path``. Returns the rows."""
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         self.rows.sort(key=lambda row: row["idx"])
         lines = ["\t".join(self.columns)]
         lines += ["\t".join(_format_value(c, row[c]) for c in self.columns) for row in self.rows]
@@ -128,7 +138,7 @@ class CertifyWriter:
     def __exit__(self, exc_type, *_):
         if exc_type is None:
             self.close()
-        else:
+        elif self._file is not None:
             self._file.close()  # keep .partial for resuming
 
 

@@ -265,8 +265,10 @@ class Smoother:
         Returns
         -------
         list of Certificate; ``time`` is the batch's wall time shared evenly; ``extra`` holds
-        ``p_lower``, ``p_upper``, ``counted``, ``prior_z`` (mean, var) and, in radius mode,
-        ``radius_tol`` (the tolerance the input ended with).
+        ``p_lower``, ``p_upper_stopping``, ``counted``, ``prior_z`` (mean, var) and, in radius
+        mode, ``radius_tol`` (the tolerance the input ended with). ``p_upper_stopping`` is the upper
+        sequence the stopping rules consult: no part of alpha covers it, so it is a stopping
+        statistic, not the upper end of a confidence interval.
         """
         start, X = time.perf_counter(), self._as_batch(X)
         alpha, n_pilot = _alpha(alpha), _positive_int(n_pilot, "n_pilot")
@@ -302,7 +304,7 @@ class Smoother:
                 int(classes[i]) if certified else ABSTAIN, float(radius), "probabilistic",
                 "smoothing", samples=int(pilot_samples[i] + result["trials"][i]),
                 stop_reason=result["reason"][i], time=elapsed,
-                extra={"p_lower": float(p_lower), "p_upper": float(result["p_upper"][i]),
+                extra={"p_lower": float(p_lower), "p_upper_stopping": float(result["p_upper"][i]),
                        "counted": int(result["trials"][i]),
                        "prior_z": (float(prior_z[0][i]), float(prior_z[1][i])),
                        **({} if target_radii is not None

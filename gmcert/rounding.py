@@ -1,0 +1,373 @@
+"""Sound bounds on the floating-point error of an encoder's forward pass (BRIEF sections 3, 4, 10).
+
+A certificate of kind ``exact`` or ``bound`` is a statement about the encoder's exact function f:
+real arithmetic on the module's stored parameters. A forward pass computes some z near f(x).
+:class:`ForwardErrorBound` runs that pass in float64 and returns, per input, a sound upper bound
+``err >= ||z - f(x)||_2``; subtracting ``err`` from the latent radius makes the certificate hold for f.
+
+The argument is running error analysis (Higham 2002, ch. 3). Split the network into the groups whose
+Lipschitz bounds L_i :mod:`gmcert.lipschitz` multiplies (a conv or linear map with its BatchNorm
+folded in, an activation, a pool, a resize, a residual block). With y_i exact and y^_i computed,
+
+    ||y^_i - y_i|| <= ||g^_i(y^_{i-1}) - g_i(y^_{i-1})|| + ||g_i(y^_{i-1}) - g_i(y_{i-1})||
+                   <= delta_i(y^_{i-1}) + L_i e_{i-1} =: e_i,
+
+delta_i being the local rounding error at the input the group actually got. It is bounded
+componentwise from the standard model |fl(a op b) - a op b| <= u |a op b| (u the unit roundoff,
+2^-53 in float64, gamma_n = n u / (1 - n u)) and then taken in L2 norm per sample:
+
+* conv / linear with fan-in k: |fl(Wx + b) - (Wx + b)| <= gamma_{k+1} (|W||x| + |b|) in any summation
+  order, FMA or blocking; computed as the same conv with |W| on |x|. FFT and Winograd convolutions and
+  TF32 break it, so the pass runs with TF32, cuDNN, oneDNN and NNPACK off (:func:`standard_arithmetic`):
+  convolutions are then im2col + BLAS or direct loops;
+* BatchNorm (x - mu) s + beta with s = w / sqrt(v + eps), in whatever order torch evaluates it:
+  gamma_16 (|x||s| + |mu s| + |beta|). Folded after a conv: |s| times the conv's term plus that, with
+  |c^| <= (1 + gamma_{k+1}) (|W||x| + |b|); normalisation (x - m) / s: gamma_2 (|x| + |m|) / s;
+  the projection (x - m) W^T: gamma_{k+2} |W| (|x| + |m|);
+* average pools over N values: gamma_{N+2} avg(|x|); max-pool, ReLU, ReLU6, clamps, flatten: exact;
+  sigmoid, tanh, softplus, SiLU (libm): 64 u |y|, i.e. 32 ulps where PyTorch's kernels are within a
+  few; GELU, hardswish, hardsigmoid, ELU (cancellation in 1 + erf and the like): 64 u (|y| + |x| + 1);
+* resize: f uses the exact interpolation weights w (:func:`exact_interpolation_weights`, torch's
+  formulas in rational arithmetic). The pass applies them itself, rounded (|w^ - w| <= 2u|w|), tap by
+  tap along H then W: |fl(W^_h x W^_w^T) - W_h x W_w^T| <= ((1 + a_h) a_w + a_h) |W_h||x||W_w|^T with
+  a = gamma_t (1 + 2u) + 2u for t taps. The bicubic clamp is exact and 1-Lipschitz. Nearest neighbour
+  only copies pixels (torch's choice of pixel is part of f);
+* residual x + body(x): e_out <= e_in + e_body + gamma_1 ||out^||, e_body the body's running error
+  started from e_in (whence the Lipschitz rule 1 + L(body));
+* underflow: each group also gets (k + 4) (smallest subnormal) per output value.
+
+Bound terms are evaluated in float64 from nonnegative terms (fewer than 10^9 per sum), and every e_i
+is inflated by 1 + 1e-6, more than their own rounding. The unit roundoff follows the pass's dtype, so
+the same code bounds a float32 pass (u = 2^-24): the tests check that against float64.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from fractions import Fraction
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gmcert.errors import DataError
+from gmcert.lipschitz import _bn_scale, _groups, _traced_ops
+from gmcert.projection import ProjectionLayer
+
+DTYPES = (torch.float64, torch.float32)
+_INFLATE = 1.0 + 1e-6
+_BN_ROUNDINGS = 16
+_EXACT_ACTS = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+_SMOOTH_ACTS = (nn.Sigmoid, nn.Tanh, nn.Softplus, nn.SiLU)
+_TINY64 = torch.finfo(torch.float64).tiny * torch.finfo(torch.float64).eps
+
+
+def gamma(n: int, u: float) -> float:
+    """``n u / (1 - n u)``: relative error bound of an n-term sum of products at unit roundoff u."""
+    if n * u >= 0.5:
+        raise DataError(f"a sum of {n} terms is too long for a rounding bound at unit roundoff {u:.3g}")
+    return n * u / (1.0 - n * u)
+
+
+@contextlib.contextmanager
+def standard_arithmetic():
+    """No TF32, cuDNN, oneDNN or NNPACK (FFT / Winograd kernels): products obey the standard error model."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision(), torch.backends.mkldnn.enabled)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.mkldnn.enabled = False
+        torch.set_float32_matmul_precision("highest")
+        with torch.backends.cudnn.flags(enabled=False, allow_tf32=False), torch.backends.nnpack.flags(enabled=False), \
+                torch.no_grad():
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, precision, torch.backends.mkldnn.enabled = saved
+        torch.set_float32_matmul_precision(precision)
+
+
+def _up(value: Fraction) -> float:
+    """The float64 at or just above a nonnegative rational."""
+    out = float(value)
+    return out if Fraction(out) >= value else math.nextafter(out, math.inf)
+
+
+def _cubic(x, a):
+    x = abs(x)
+    return ((a + 2) * x - (a + 3)) * x * x + 1 if x < 1 else ((a * x - 5 * a) * x + 8 * a) * x - 4 * a if x < 2 else 0
+
+
+def exact_interpolation_weights(n_in: int, n_out: int, mode: str, antialias: bool) -> list:
+    """Torch's 1-D interpolation weights (align_corners=False) in exact rational arithmetic.
+
+    Per output index, a dict ``{input index: Fraction}`` of the nonzero weights (taps that torch
+    clamps onto the same border pixel are added up). ``mode`` is ``bilinear`` or ``bicubic``.
+    """
+    rows, scale = [{} for _ in range(n_out)], Fraction(n_in, n_out)
+    for i, row in enumerate(rows):
+        if antialias:  # torch's separable anti-aliasing kernels (PIL's filters; bicubic a = -1/2)
+            size = 2 if mode == "bilinear" else 4
+            support, inv = (Fraction(size, 2) * scale, 1 / scale) if scale >= 1 else (Fraction(size, 2), Fraction(1))
+            center = scale * (i + Fraction(1, 2))
+            lo = max(int(center - support + Fraction(1, 2)), 0)
+            xs = [(lo + j - center + Fraction(1, 2)) * inv
+                  for j in range(min(int(center + support + Fraction(1, 2)), n_in) - lo)]
+            w = [max(1 - abs(x), Fraction(0)) if mode == "bilinear" else _cubic(x, Fraction(-1, 2)) for x in xs]
+            total = sum(w)
+            taps = [(lo + j, v / total if total != 0 else v) for j, v in enumerate(w)]
+        elif mode == "bilinear":
+            src = max(scale * (i + Fraction(1, 2)) - Fraction(1, 2), Fraction(0))
+            i0 = math.floor(src)
+            lam = min(src - i0, Fraction(1))
+            taps = [(i0, 1 - lam), (i0 + (1 if i0 < n_in - 1 else 0), lam)]
+        else:  # bicubic, a = -3/4, taps clamped to the border
+            src = scale * (i + Fraction(1, 2)) - Fraction(1, 2)
+            i0 = math.floor(src)
+            t = src - i0
+            taps = [(min(max(k, 0), n_in - 1), _cubic(x, Fraction(-3, 4)))
+                    for k, x in zip(range(i0 - 1, i0 + 3), (t + 1, t, 1 - t, 2 - t))]
+        for j, v in taps:
+            row[j] = row.get(j, 0) + v
+    return [{j: v for j, v in row.items() if v != 0} for row in rows]
+
+
+def _interpolate(x, terms, key):
+    """Separable interpolation, tap by tap along H then W, with weights ``terms[key + axis]``."""
+    for dim in (2, 3):
+        if f"idx{dim}" not in terms:
+            continue
+        idx, w, y = terms[f"idx{dim}"], terms[f"{key}{dim}"], None
+        for c in range(idx.shape[1]):
+            tap, wc = x.index_select(dim, idx[:, c]), w[:, c].view((-1, 1) if dim == 2 else (-1,))
+            y = tap * wc if y is None else y.addcmul_(tap, wc)
+        x = y
+    return x
+
+
+class _Step:
+    """One group of :func:`gmcert.lipschitz._groups` with what its local rounding bound needs."""
+
+    def __init__(self, group, u, dtype):
+        self.group, self.op, self.L = group, group.op, group.value
+        self.kind, m, self.terms, self.u, self.dtype = group.op.kind, group.op.module, {}, u, dtype
+        self.body = [_Step(g, u, dtype) for g in group.body]
+        tiny = torch.finfo(dtype).tiny * torch.finfo(dtype).eps + _TINY64
+        g16, k = gamma(_BN_ROUNDINGS, u), 4
+        if self.kind in ("conv", "linear"):
+            w = m.weight.detach().double()
+            k = w[0].numel() + 2
+            g = gamma(k, u)
+            c1, c3 = torch.full((w.shape[0],), g, dtype=torch.float64), torch.zeros(w.shape[0], dtype=torch.float64)
+            if group.bn is not None:
+                bn = group.bn.module
+                s = _bn_scale(bn).abs()
+                c1 = s * (g + g16 * (1.0 + g))
+                c3 = g16 * ((bn.running_mean.double() * s).abs() + (bn.bias.detach().double().abs()
+                                                                    if bn.bias is not None else 0.0))
+            shape = (-1,) + (1,) * (w.ndim - 1)
+            if isinstance(m, ProjectionLayer):
+                bias = w.abs() @ m.mean.double().abs()
+            else:
+                bias = m.bias.detach().double().abs() if m.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+            self.terms = {"weight": w.abs() * c1.view(shape), "bias": bias * c1 + c3}
+        elif self.kind in ("bn", "normalize"):
+            if self.kind == "bn":
+                s = _bn_scale(m).abs()
+                c2, c3 = g16 * s, g16 * ((m.running_mean.double() * s).abs()
+                                         + (m.bias.detach().double().abs() if m.bias is not None else 0.0))
+            else:
+                std, mean = m.std.double().abs().flatten(), m.mean.double().abs().flatten()
+                c2, c3 = gamma(2, u) / std, gamma(2, u) * mean / std
+            self.terms = {"scale": c2, "offset": c3}
+        elif self.kind == "act":
+            a = 1.0 if type(m) is not nn.ELU else max(1.0, abs(m.alpha))
+            self.coef = (0.0, 0.0, 0.0) if type(m) in _EXACT_ACTS else (2 * u, 0.0, 0.0) \
+                if type(m) is nn.LeakyReLU else (64 * u, 0.0, 0.0) if type(m) in _SMOOTH_ACTS else (64 * u,) * 2 + (64 * u * a,)
+        elif self.kind in ("global_avg", "avgpool"):
+            k = (self.op.in_shape[1] * self.op.in_shape[2] if self.kind == "global_avg"
+                 else math.prod(nn.modules.utils._pair(m.kernel_size))) + 2
+            self.coef = gamma(k, u)
+        elif self.kind == "resize" and tuple(self.op.in_shape[1:]) != m.size and m.interpolation != "nearest":
+            shrink, k, alpha = m.size[0] < self.op.in_shape[1] or m.size[1] < self.op.in_shape[2], 0, []
+            for dim, n_in, n_out in zip((2, 3), self.op.in_shape[1:], m.size):
+                rows = exact_interpolation_weights(n_in, n_out, m.interpolation, shrink)
+                taps = max(len(row) for row in rows)
+                idx, w = torch.zeros(n_out, taps, dtype=torch.long), torch.zeros(n_out, taps, dtype=torch.float64)
+                for i, row in enumerate(rows):
+                    for c, (j, v) in enumerate(sorted(row.items())):
+                        idx[i, c], w[i, c] = j, float(v)  # correctly rounded; in float32 within 2u of v
+                if n_in != n_out or not bool((w[:, 0] == 1).all()):
+                    self.terms.update({f"idx{dim}": idx, f"w{dim}": w.to(dtype), f"abs{dim}": w.abs()})
+                    alpha.append(gamma(taps, u) * (1 + 2 * u) + 2 * u)
+                    k += taps
+            alpha += [0.0] * (2 - len(alpha))
+            self.coef = (1 + alpha[0]) * alpha[1] + alpha[0]
+        self.floor = k * tiny
+
+    def to(self, device):
+        self.terms = {k: v.to(device) for k, v in self.terms.items()}
+        for step in self.body:
+            step.to(device)
+
+    def __call__(self, x, e):
+        """(computed output, bound on its distance to the exact output) from input x with error bound e."""
+        m, kind, t = self.op.module, self.kind, self.terms
+        if kind == "residual":
+            y, e_body = _run(self.body, x, e)
+            out = x + y
+            return out, (e + e_body + gamma(1, self.u) * _norm(out)) * _INFLATE
+        delta = None
+        if kind in ("conv", "linear"):
+            y = _conv(m, x, m.weight, m.bias) if kind == "conv" else m(x)
+            if self.group.bn is not None:
+                bn = self.group.bn.module
+                y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+            a = x.abs().double()
+            delta = _conv(m, a, t["weight"], t["bias"]) if kind == "conv" else F.linear(
+                a.flatten(1) if isinstance(m, ProjectionLayer) else a, t["weight"], t["bias"])
+        elif kind in ("bn", "normalize"):
+            y = F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps) \
+                if kind == "bn" else (x - m.mean) / m.std
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            delta = torch.addcmul(t["offset"].view(shape), x.abs().double(), t["scale"].view(shape))
+        elif kind == "act":
+            y = m(x)
+            c_out, c_in, c_abs = self.coef
+            if c_out > 0:
+                delta = c_out * y.abs().double() + (c_in * x.abs().double() + c_abs if c_in > 0 else 0.0)
+        elif kind == "global_avg":
+            y = x.mean((2, 3), keepdim=True)
+            delta = self.coef * x.abs().double().mean((2, 3))
+        elif kind == "avgpool":
+            y = m(x)
+            delta = self.coef * m(x.abs().double())
+        elif kind == "flatten":
+            y = x.flatten(1)
+        elif kind == "resize" and t:  # our own taps: torch's float64 weights are themselves rounded
+            y = _interpolate(x, t, "w")
+            y = y.clamp(0.0, 1.0) if m.interpolation == "bicubic" else y
+            delta = self.coef * _interpolate(x.abs().double(), t, "abs")
+        else:  # max-pool; a resize that only copies pixels
+            y = m(x)
+        e = self.L * e
+        if delta is not None:
+            e = e + _norm(delta) + self.floor * math.sqrt(y[0].numel())
+        return y, e * _INFLATE
+
+
+def _conv(conv, x, weight, bias):
+    """``conv``'s map with other parameters. Depthwise on CPU: tap by tap (fused multiply-adds), an order
+    the standard bound allows, many times faster than PyTorch's float64 CPU kernel."""
+    from timm.layers.conv2d_same import conv2d_same, pad_same
+
+    same = type(conv) is not nn.Conv2d  # timm Conv2dSame: TF 'SAME' padding from the input size only
+    if not (conv.groups == conv.in_channels == conv.out_channels and x.device.type == "cpu"):
+        return conv2d_same(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups) if same \
+            else conv._conv_forward(x, weight, bias)
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    if same:
+        pads = (0, 0, 0, 0)
+        x = pad_same(x, conv.kernel_size, conv.stride, conv.dilation)
+    elif isinstance(conv.padding, str):
+        th, tw = (dh * (kh - 1), dw * (kw - 1)) if conv.padding == "same" else (0, 0)
+        pads = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    else:
+        pads = (conv.padding[1], conv.padding[1], conv.padding[0], conv.padding[0])
+    x = F.pad(x, pads)
+    oh, ow = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1, (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            tap = x[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw]
+            w = weight[:, 0, i, j].view(1, -1, 1, 1)
+            y = tap * w if y is None else y.addcmul_(tap, w)
+    return y if bias is None else y.add_(bias.view(1, -1, 1, 1))
+
+
+def _norm(t):
+    return t.double().flatten(1).norm(dim=1)
+
+
+def _run(steps, x, e):
+    for step in steps:
+        x, e = step(x, e)
+    return x, e
+
+
+def _exact_copy(module, dtype):
+    """A CPU copy in ``dtype``; refuses if that would round any parameter or buffer (f would change)."""
+    out = copy.deepcopy(module).to("cpu")
+    for name, value in list(out.named_parameters()) + list(out.named_buffers()):
+        if value.is_floating_point() and not torch.equal(value.detach().to(dtype).to(value.dtype), value.detach()):
+            raise DataError(f"{name} ({value.dtype}) is not exactly representable in {dtype}; "
+                            "bound the float64 pass instead")
+    return out.to(dtype)
+
+
+class ForwardErrorBound:
+    """Forward pass of ``module`` with a sound bound on its distance to the exact-arithmetic output.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        In eval mode; any module :mod:`gmcert.lipschitz` bounds (encoders, projections, ...). It is
+        copied; the caller's module is never converted.
+    input_shape : (C, H, W)
+        Shape of one input (pixels, before the encoder's resize).
+    dtype : torch.float64 or torch.float32, default float64
+        Precision of the pass; its unit roundoff (2^-53 or 2^-24) drives the bound. float32 exists to
+        check the bound against float64.
+
+    Attributes
+    ----------
+    lipschitz : float
+        Sound Lipschitz bound of the module, equal to :func:`gmcert.lipschitz.spectral_bound`.
+    layers : list of (str, float)
+        Per-layer bounds, as :func:`gmcert.lipschitz.layer_bounds`.
+    unit_roundoff : float
+
+    Raises
+    ------
+    LipschitzUnsupportedError
+        A module type without a sound bound.
+    """
+
+    def __init__(self, module, input_shape, dtype=torch.float64):
+        if dtype not in DTYPES:
+            raise DataError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        param = next(module.parameters(), None)
+        self.device = param.device if param is not None else torch.device("cpu")
+        self.input_shape, self.dtype = tuple(int(s) for s in input_shape), dtype
+        self.unit_roundoff = torch.finfo(dtype).eps / 2
+        self.module_ = _exact_copy(module, dtype)
+        groups = _groups(_traced_ops(self.module_, self.input_shape))
+        self.layers = [(g.op.name + ("+bn" if g.bn is not None else ""), g.value) for g in groups]
+        self.lipschitz = float(np.prod([value for _, value in self.layers]))
+        self._steps, self._device = [_Step(g, self.unit_roundoff, dtype) for g in groups], torch.device("cpu")
+
+    def __call__(self, X, batch_size: int = 64, device=None) -> tuple:
+        """``(Z, err)``: outputs ``(n, d)`` float64 and bounds ``(n,)`` on ``||Z_i - f(X_i)||_2``.
+
+        ``X`` is ``(n, C, H, W)`` (array or tensor); values that ``dtype`` cannot hold count as input
+        error. Non-finite outputs get ``err = inf``.
+        """
+        X = torch.as_tensor(X)
+        if X.ndim != 4 or tuple(X.shape[1:]) != self.input_shape:
+            raise DataError(f"X must have shape (n, {', '.join(map(str, self.input_shape))}), got {tuple(X.shape)}")
+        device = torch.device(device) if device is not None else self.device
+        if device != self._device:
+            self.module_.to(device)
+            for step in self._steps:
+                step.to(device)
+            self._device = device
+        Z, err = [], []
+        with standard_arithmetic():
+            for batch in X.split(int(batch_size)):
+                batch = batch.to(device)
+                x = batch.to(self.dtype)
+                y, e = _run(self._steps, x, _norm(batch.double() - x.double()) * _INFLATE)
+                Z.append(y.flatten(1).double().cpu())
+                err.append(e.cpu())
+        Z, err = torch.cat(Z).numpy(), torch.cat(err).numpy() * _INFLATE
+        err[~(np.isfinite(err) & np.isfinite(Z).all(axis=1))] = np.inf
+        return Z, err
