@@ -10,7 +10,7 @@ import numpy as np
 
 from gmcert.atomic import check_file_target, check_folder_target
 from gmcert.errors import DataError, GmcertError
-from gmcert.inputs import LINEAR_ENCODERS, fit_split, load_inputs, load_model, model_inputs
+from gmcert.inputs import fit_split, load_inputs, load_model, model_inputs
 
 DEFAULT_MODEL = "runs/default"
 DEFAULT_RADII = "0,0.05,0.1,0.25,0.5,0.75,1,1.5,2"
@@ -182,7 +182,7 @@ def _check_device(name: str) -> None:
 # -- commands ---------------------------------------------------------------------------------
 def cmd_fit(args) -> int:
     from gmcert.mixture import GaussianMixtureClassifier
-    from gmcert.pipeline import Pipeline
+    from gmcert.pipeline import LINEAR_ENCODERS, Pipeline
 
     if args.latents:
         encoder, projection, data = "none", args.projection or "none", {"latents": str(Path(args.latents).resolve())}

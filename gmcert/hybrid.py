@@ -12,24 +12,32 @@ mismatch exceeds ``mismatch_threshold``. The deployed classifier is, with ``c = 
 
     h(x) = f(x)  if lo(x) >  tau_c                       (route closed_form)
            g(x)  if hi(x) <  tau_c                       (route smoothing)
-           f(x)  if f(x) = g(x), else abstain, otherwise (route band: the arithmetic cannot tell
-                                                          which side of tau_c rho lies)
+           f(x)  if f(x) = g(x) and lo(x) > 0, else abstain, otherwise
+                 (route band: the arithmetic cannot tell which side of tau_c rho lies)
+
+Here f(x) is the computed class; where ``lo(x) > 0`` it is the exact f's class too.
 
 Claim: for ``||x' - x|| < r`` with r below, ``h(x')`` is ``h(x)`` or an abstention, never another
 class (the smoothing parts with probability 1 - alpha, as ``g``'s own certificate).
 
 * closed_form, ``r = lo(x) - tau_c``: ``r <= lo(x)`` keeps ``f(x') = c``, and
-  ``rho(x') >= rho(x) - r >= tau_c``, so ``hi(x') >= tau_c``: x' takes the closed form (c) or the
-  band (c or abstain).
-* smoothing and band with ``f(x) = g(x)``... in general, with ``c_g = g(x)`` and g's radius ``r_g``:
+  ``rho(x') >= rho(x) - r >= tau_c``, so ``hi(x') >= tau_c``: x' takes the closed form or the band,
+  and either answers f(x') = c only where ``lo(x') > 0``, else abstains.
+* smoothing (and band, where f and g agree), with ``c_g = g(x)`` and g's radius ``r_g``:
   ``r = min(r_g, min_{k != c_g} s_k)``, where ``s_k`` is a distance within which no x' can take the
   closed form with ``f(x') = k``: that needs ``rho(x') >= lo(x') > tau_k``. Always
   ``s_k = tau_k - hi(x)`` (``rho(x') <= rho(x) + ||x' - x||``). When ``lo(x) > 0`` (so the exact f
   says c at x) and ``k != c``: ``f(x') = k`` needs ``||x' - x|| >= lo(x)``, and then
   ``rho(x') <= ||x' - x||``, so ``s_k = max(lo(x), tau_k)``. Inside r, x' takes the smoothing route
   (``g(x') = c_g``), the band (``c_g`` or abstain, since the band answers only when f and g agree),
-  or the closed form with ``f(x') = c_g``. With one threshold and ``f(x) = g(x)`` this gives
-  ``min(r_g, tau)``, above the ``max(R, tau - R)`` of the construction it tightens.
+  or the closed form with ``f(x') = c_g``. With one threshold this gives ``min(r_g, tau)`` when f
+  and g agree (tighter than the ``max(R, tau - R)`` of BRIEF section 11) and ``min(r_g, tau - R)``
+  when they do not. A band row that answers c is also held by ``min(r_g, lo(x))`` (inside it f and
+  g both say c, whatever the route); it keeps the larger of the two.
+
+Smoothing runs the pipeline in float32 and certifies that classifier as implemented: its samples
+are evaluations of the deployed g's base classifier. The closed form's lo and hi cover the
+encoder's rounding (:meth:`gmcert.pipeline.Pipeline.certify`).
 
 ``tau`` is chosen to maximise the certified accuracy of h at the target radius on calibration
 inputs that are not certified (:func:`choose_route_threshold`); without them it is the target.
@@ -191,10 +199,10 @@ def routed_certificate(policy, classes, closed, smooth=None) -> Certificate:
                            closed.stop_reason, closed.latent_radius, closed.time,
                            {**closed.extra, "route": route, "route_threshold": tau})
     prediction, radius = smooth.prediction, hybrid_radius(policy, classes, closed, smooth)
-    if route == "band" and prediction != closed.prediction:
+    if route == "band" and not (prediction == closed.prediction and closed.radius > 0):
         prediction, radius = ABSTAIN, 0.0  # h abstains where it cannot tell its route
     elif route == "band":
-        radius = min(radius, closed.radius)  # f and g both say c within this, whatever the route
+        radius = max(radius, min(smooth.radius, closed.radius))  # f and g both say c within the latter
     return Certificate(prediction, radius, "probabilistic", "smoothing", smooth.samples, smooth.stop_reason,
                        time=smooth.time + closed.time,
                        extra={**smooth.extra, "route": route, "route_threshold": tau,
@@ -248,7 +256,8 @@ class HybridClassifier:
 
             g = self.pipeline.label_smoothed(smoother.predict(torch.as_tensor(np.asarray(X[i]), dtype=torch.float32),
                                                               n=self.policy.predict_n, alpha=self.policy.alpha))
-            out[i] = g.prediction if route == "smoothing" or g.prediction == closed.prediction else ABSTAIN
+            agree = g.prediction == closed.prediction and closed.radius > 0
+            out[i] = g.prediction if route == "smoothing" or agree else ABSTAIN
         return out
 
     def certify(self, X, **kwargs):

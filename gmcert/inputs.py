@@ -16,8 +16,6 @@ import numpy as np
 
 from gmcert.errors import DataError, GmcertError, ModelFileError
 
-LINEAR_ENCODERS = ("none", "identity")  # their input shape is the model's input shape exactly
-
 
 def read_latents(path) -> tuple[np.ndarray, np.ndarray]:
     """``z`` (n, d) float64 and ``y`` (n,) int64 from an npz, checked: finite, non-empty, integer labels."""
@@ -144,6 +142,8 @@ def load_model(path, device=None, cache_dir=None):
 def check_model_inputs(inputs: Inputs, pipeline, model) -> None:
     """Refuse inputs the model cannot take: latents for an image model (or back), another width
     or image shape, labels outside the model's classes."""
+    from gmcert.pipeline import LINEAR_ENCODERS  # their input shape is the model's exactly
+
     shape, x = tuple(pipeline.input_shape_), inputs.x
     if pipeline.encoder_name == "none":
         if x.ndim != 2:

@@ -142,7 +142,7 @@ def _replay(ops, x):
 
 def _bn_scale(bn):
     scale = 1.0 / torch.sqrt(bn.running_var.double() + bn.eps)
-    return scale * bn.weight.double() if bn.weight is not None else scale
+    return scale * bn.weight.detach().double() if bn.weight is not None else scale
 
 
 def _conv_padding(conv, h, w):

@@ -85,8 +85,9 @@ def test_a_changed_card_is_refused_on_load(tmp_path, digits):
             'mean = [0.5, 0.5, 0.5]\nstd = [0.5, 0.5, 0.5]\ninterpolation = "bilinear"\nfeature_dim = 1280\n')
     card.write_text(text)
     images, labels = digits
-    X = images[:200].expand(-1, 3, -1, -1).numpy()
-    pipe = Pipeline(encoder=str(card), pretrained=False, n_components=8).fit(X, labels[:200])
+    X = images[:60].expand(-1, 3, -1, -1).numpy()
+    pipe = Pipeline(encoder=str(card), pretrained=False, n_components=8).fit(X, labels[:60])
+    L = pipe.input_lipschitz()[0]
     pipe.save(tmp_path / "model")
     assert Pipeline.load(tmp_path / "model").encoder is not None  # unchanged card: loads
     card.write_text(text.replace("mean = [0.5, 0.5, 0.5]", "mean = [0.4, 0.5, 0.5]"))
@@ -98,9 +99,10 @@ def test_a_changed_card_is_refused_on_load(tmp_path, digits):
     # a forged constant in pipeline.json is never trusted: it is recomputed from the encoder
     card.write_text(text)
     meta = json.loads((tmp_path / "model" / "pipeline.json").read_text())
+    assert [entry["L"] for entry in meta["lipschitz"].values()] == [pytest.approx(L)]
     meta["lipschitz"] = {key: {**entry, "L": 1e-3} for key, entry in meta["lipschitz"].items()}
     (tmp_path / "model" / "pipeline.json").write_text(json.dumps(meta))
-    assert Pipeline.load(tmp_path / "model").input_lipschitz()[0] == pytest.approx(pipe.input_lipschitz()[0])
+    assert Pipeline.load(tmp_path / "model").input_lipschitz()[0] == pytest.approx(L)
 
 
 def test_nearly_orthonormal_projection_is_not_exact(digits):

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from gmcert.data import Resize, load_dataset
-from gmcert.hybrid import FallbackPolicy, HybridClassifier, certify_hybrid, choose_route_threshold, hybrid_radius
+from gmcert.hybrid import (FallbackPolicy, HybridClassifier, certify_hybrid, choose_route_threshold, hybrid_radius,
+                           routed_certificate)
 from gmcert.mixture import GaussianMixtureClassifier
 from gmcert.pipeline import Pipeline
 from gmcert.results import ABSTAIN, Certificate
@@ -118,6 +119,23 @@ def test_hybrid_radius_formula():
     strict = FallbackPolicy(target_radius=0.5, route_threshold=0.5, mismatch_threshold=1.0, kl_per_class=kl)
     assert hybrid_radius(strict, [3, 4], closed, agree) == pytest.approx(2.0)
     assert hybrid_radius(policy, [3, 4], closed, Certificate(ABSTAIN, 0.0, "probabilistic", "smoothing")) == 0.0
+
+
+def test_band_answers_only_where_f_is_sure_and_agrees():
+    """Where the arithmetic cannot tell the route (lo <= tau <= hi), h answers only a class that
+    the exact f holds at x (lo > 0) and g agrees with."""
+    policy = FallbackPolicy(target_radius=0.3, route_threshold=0.3)
+    g = Certificate(3, 1.0, "probabilistic", "smoothing")
+    unsure = Certificate(3, 0.0, "bound", "closed_form", extra={"radius_upper": 0.5})
+    assert policy.route(unsure) == "band" and routed_certificate(policy, [3, 4], unsure, g).prediction == ABSTAIN
+    sure = Certificate(3, 0.2, "bound", "closed_form", extra={"radius_upper": 0.4})
+    cert = routed_certificate(policy, [3, 4], sure, g)
+    assert policy.route(sure) == "band" and cert.prediction == 3 and cert.radius == pytest.approx(0.3)
+    other = Certificate(4, 1.0, "probabilistic", "smoothing")
+    assert routed_certificate(policy, [3, 4], sure, other).prediction == ABSTAIN
+    above = Certificate(3, 0.5, "exact", "closed_form", extra={"radius_upper": 0.5})
+    cert = routed_certificate(policy, [3, 4], above)
+    assert cert.path == "closed_form" and cert.radius == pytest.approx(0.2) and cert.radius_kind == "bound"
 
 
 def test_threshold_is_chosen_on_calibration_data(digits):
