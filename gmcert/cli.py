@@ -10,7 +10,7 @@ import numpy as np
 
 from gmcert.atomic import check_file_target, check_folder_target
 from gmcert.errors import DataError, GmcertError
-from gmcert.inputs import fit_split, load_inputs, load_model, model_inputs
+from gmcert.inputs import check_arguments, fit_split, load_inputs, load_model, model_inputs
 
 DEFAULT_MODEL = "runs/default"
 DEFAULT_RADII = "0,0.05,0.1,0.25,0.5,0.75,1,1.5,2"
@@ -134,49 +134,14 @@ def _add_fallback_args(p):
                    help="input radius each input needs; below it (or with an unsound kind) the input falls back")
     p.add_argument("--mismatch-threshold", type=float, default=None,
                    help="fall back when the predicted class's estimated KL to its Gaussian exceeds this")
+    p.add_argument("--route-threshold", type=float, default=None,
+                   help="tau: the closed form serves inputs whose sound radius exceeds it (default: the target)")
+    p.add_argument("--calibrate", type=int, default=0, metavar="N",
+                   help="choose tau for the best certified accuracy at the target on N training-split inputs")
     p.add_argument("--sigma", type=float, default=0.25, help="smoothing noise level in pixel space")
     p.add_argument("--alpha", type=float, default=0.001, help="smoothing failure probability")
     p.add_argument("--max-samples", type=int, default=100_000, help="smoothing budget per input")
     p.add_argument("--seed", type=int, default=0)
-
-
-# -- arguments ------------------------------------------------------------------------------
-_POSITIVE = (lambda v: v >= 1, "a positive integer")
-#: dest -> (test, what the value must be); checked before any file is read or written.
-ARGUMENT_RULES = {
-    "limit": _POSITIVE, "dim": _POSITIVE, "noise_copies": _POSITIVE, "components_per_class": _POSITIVE,
-    "batch_size": _POSITIVE, "k": _POSITIVE, "bootstrap": _POSITIVE, "q_samples": _POSITIVE,
-    "n_inputs": _POSITIVE, "max_samples": _POSITIVE, "n0": _POSITIVE,
-    "test_size": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "noise_sigma": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
-    "reg_covar": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
-    "sigma": (lambda v: 0 < v < math.inf, "a positive number"),
-    "alpha": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "target_radius": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
-    "mismatch_threshold": (lambda v: math.isfinite(v), "a finite number"),
-    "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
-}
-
-
-def check_arguments(args) -> None:
-    """Refuse out-of-range option values (``ARGUMENT_RULES``) with the option's own name."""
-    for dest, (test, what) in ARGUMENT_RULES.items():
-        value = getattr(args, dest, None)
-        if value is not None and not test(value):
-            raise DataError(f"--{dest.replace('_', '-')} must be {what}, got {value}")
-    if getattr(args, "device", None):
-        _check_device(args.device)
-
-
-def _check_device(name: str) -> None:
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DataError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise DataError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} available)")
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -248,12 +213,16 @@ def cmd_certify(args) -> int:
     if args.fallback != "none":
         args.policy = _fallback_policy(args)
     inputs, index = model_inputs(args, pipeline, "test")
+    if args.calibrate and args.fallback == "none":
+        raise DataError("--calibrate chooses the routing threshold of --fallback smoothing")
     out = Path(args.out) if args.out else Path(args.model) / "certify.tsv"
     if out.suffix == ".json":
         raise DataError(f"--out {out}: the JSON summary goes beside the TSV as {out.stem}.json; name the TSV "
                         "something else")
     for path in (out, out.with_suffix(".json"), out.with_name(out.name + ".partial")):
         check_file_target(path, "--out")
+    if args.calibrate:
+        _calibrate_route_threshold(args, pipeline)
     writer = CertifyWriter(out)  # reads a killed run's .partial; creates nothing before the first row
     todo = np.array([i for i, idx in enumerate(index) if idx not in writer.done], dtype=np.int64)
     if len(todo) < len(index):
@@ -310,7 +279,24 @@ def _fallback_policy(args):
                         f"{args.model}` first")
     target = args.target_radius if args.target_radius is not None else args.sigma
     return FallbackPolicy(target_radius=target, mismatch_threshold=args.mismatch_threshold, kl_per_class=kl,
-                          sigma=args.sigma, alpha=args.alpha, max_samples=args.max_samples, seed=args.seed)
+                          sigma=args.sigma, alpha=args.alpha, max_samples=args.max_samples, seed=args.seed,
+                          route_threshold=args.route_threshold)
+
+
+def _calibrate_route_threshold(args, pipeline) -> None:
+    """``--calibrate N``: tau from N training-split inputs, never from the inputs being certified."""
+    from gmcert.hybrid import choose_route_threshold
+
+    if args.latents or args.data:
+        raise DataError("--calibrate uses the model's training split; it cannot be combined with --latents/--data")
+    limit, args.limit = args.limit, args.calibrate
+    try:
+        train, _ = model_inputs(args, pipeline, "train")
+    finally:
+        args.limit = limit
+    args.policy.route_threshold = choose_route_threshold(pipeline, train.x, train.labels, args.policy)
+    print(f"route threshold tau = {args.policy.route_threshold:.4g} (best certified accuracy of h at "
+          f"{args.policy.target_radius:.4g} on {len(train.labels)} training inputs)", file=sys.stderr)
 
 
 def cmd_diagnose(args) -> int:

@@ -102,6 +102,10 @@ class FallbackPolicy:
             raise DataError(f"sigma must be a positive number, got {self.sigma}")
         if self.target_radius is not None and not self.target_radius >= 0:
             raise DataError(f"target_radius must be >= 0, got {self.target_radius}")
+        if not 0 < self.alpha < 1:
+            raise DataError(f"alpha must be in (0, 1), got {self.alpha}")
+        if int(self.max_samples) < 1 or int(self.predict_n) < 1:
+            raise DataError(f"max_samples and predict_n must be >= 1, got {self.max_samples}, {self.predict_n}")
         if self.route_threshold is not None and not self.route_threshold >= 0:
             raise DataError(f"route_threshold must be >= 0, got {self.route_threshold}")
 
@@ -156,8 +160,11 @@ def load_kl_per_class(model_dir) -> dict | None:
     path = Path(model_dir) / "mismatch.json"
     if not path.is_file():
         return None
-    report = json.loads(path.read_text())
-    return {int(label): float(kl) for label, kl in zip(report["classes"], report["kl_per_class"])}
+    try:
+        report = json.loads(path.read_text())
+        return {int(label): float(kl) for label, kl in zip(report["classes"], report["kl_per_class"], strict=True)}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path}: unreadable mismatch report ({err}); rerun `gmcert diagnose`") from err
 
 
 def certify_hybrid(pipeline, X, policy: FallbackPolicy, method: str = "exact", lipschitz: str = "auto",
@@ -203,7 +210,7 @@ def routed_certificate(policy, classes, closed, smooth=None) -> Certificate:
         prediction, radius = ABSTAIN, 0.0  # h abstains where it cannot tell its route
     elif route == "band":
         radius = max(radius, min(smooth.radius, closed.radius))  # f and g both say c within the latter
-    return Certificate(prediction, radius, "probabilistic", "smoothing", smooth.samples, smooth.stop_reason,
+    return Certificate(prediction, radius, "probabilistic", route, smooth.samples, smooth.stop_reason,
                        time=smooth.time + closed.time,
                        extra={**smooth.extra, "route": route, "route_threshold": tau,
                               "smoothed_radius": smooth.radius, "closed_form_prediction": closed.prediction,

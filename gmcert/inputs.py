@@ -8,6 +8,7 @@ is missing or corrupt, a model whose recorded data has changed since it was fitt
 from __future__ import annotations
 
 import hashlib
+import math
 import zipfile
 import zlib
 from pathlib import Path
@@ -199,3 +200,43 @@ def model_inputs(args, pipeline, split: str = "test") -> tuple[Inputs, np.ndarra
     index = held_out if split == "test" else np.setdiff1d(np.arange(n), held_out)
     index = index[:args.limit]
     return inputs.subset(index), index
+
+
+_POSITIVE = (lambda v: v >= 1, "a positive integer")
+#: dest -> (test, what the value must be); checked before any file is read or written.
+ARGUMENT_RULES = {
+    "limit": _POSITIVE, "dim": _POSITIVE, "noise_copies": _POSITIVE, "components_per_class": _POSITIVE,
+    "batch_size": _POSITIVE, "k": _POSITIVE, "bootstrap": _POSITIVE, "q_samples": _POSITIVE,
+    "n_inputs": _POSITIVE, "max_samples": _POSITIVE, "n0": _POSITIVE,
+    "test_size": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "noise_sigma": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    "reg_covar": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    "sigma": (lambda v: 0 < v < math.inf, "a positive number"),
+    "alpha": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "target_radius": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    "route_threshold": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    "calibrate": (lambda v: v >= 0, "an integer >= 0"),
+    "mismatch_threshold": (lambda v: math.isfinite(v), "a finite number"),
+    "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+}
+
+
+def check_arguments(args) -> None:
+    """Refuse out-of-range option values (``ARGUMENT_RULES``) with the option's own name."""
+    for dest, (test, what) in ARGUMENT_RULES.items():
+        value = getattr(args, dest, None)
+        if value is not None and not test(value):
+            raise DataError(f"--{dest.replace('_', '-')} must be {what}, got {value}")
+    if getattr(args, "device", None):
+        _check_device(args.device)
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DataError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise DataError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} available)")

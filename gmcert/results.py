@@ -18,7 +18,9 @@ ABSTAIN = -1
 #: ``probabilistic``: a smoothing certificate, sound with probability >= 1 - alpha.
 RADIUS_KINDS = ("exact", "bound", "estimate", "probabilistic")
 SOUND_KINDS = ("exact", "bound", "probabilistic")
-PATHS = ("closed_form", "smoothing")
+#: Which route served an input: the closed form, smoothing, or (hybrid only) both, where the
+#: arithmetic could not tell the route (see gmcert.hybrid).
+PATHS = ("closed_form", "smoothing", "band")
 
 
 @dataclass
@@ -34,7 +36,7 @@ class Certificate:
     radius_kind : str
         One of ``RADIUS_KINDS``.
     path : str
-        ``closed_form`` or ``smoothing``.
+        ``closed_form``, ``smoothing`` or ``band``.
     samples : int
         Model evaluations spent on this input (1 for the closed form).
     stop_reason : str

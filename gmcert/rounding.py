@@ -156,7 +156,7 @@ class _Step:
         if self.kind in ("conv", "linear"):
             w = m.weight.detach().double()
             k = w[0].numel() + 2
-            g = gamma(1, u)
+            g = gamma(k, u)
             c1, c3 = torch.full((w.shape[0],), g, dtype=torch.float64), torch.zeros(w.shape[0], dtype=torch.float64)
             if group.bn is not None:
                 bn = group.bn.module

@@ -152,7 +152,7 @@ def test_certify_fallback_command(model, tmp_path, capsys):
     rows = read_tsv(out)
     summary = json.loads(out.with_suffix(".json").read_text())
     assert len(rows) == 8 and sum(summary["rows_by_path"].values()) == 8
-    assert all(r["path"] in ("closed_form", "smoothing") for r in rows)
+    assert all(r["path"] in ("closed_form", "smoothing", "band") for r in rows)
     # closed-form rows of h keep f's radius less the threshold (0.6 by default: the target)
     assert all(r["radius"] == pytest.approx(r["latent_radius"] - 0.6) for r in rows if r["path"] == "closed_form")
 
@@ -171,7 +171,9 @@ def test_mismatch_threshold_routes_suspect_classes_to_smoothing(model):
     policy = FallbackPolicy(target_radius=0.0, mismatch_threshold=0.5, kl_per_class=kl, sigma=0.25,
                             alpha=0.01, max_samples=300)
     certs = certify_hybrid(pipeline, X, policy)
-    expected = ["smoothing" if c.prediction == suspect or c.radius <= 0 else "closed_form" for c in closed]
+    # tau = 0 for the trusted classes: a zero radius cannot tell which side of 0 rho lies (band)
+    expected = ["smoothing" if c.prediction == suspect else "band" if c.radius <= 0 else "closed_form"
+                for c in closed]
     assert [c.path for c in certs] == expected and "closed_form" in expected and "smoothing" in expected
     with pytest.raises(ValueError, match="diagnose"):
         FallbackPolicy(mismatch_threshold=0.5)

@@ -154,3 +154,19 @@ def test_threshold_is_chosen_on_calibration_data(digits):
         accuracy[t] = np.mean([c.prediction == label and c.radius >= TARGET for c, label in zip(certs, y_cal)])
     assert accuracy[tau] == max(accuracy.values()), (tau, accuracy)
     assert len(set(accuracy.values())) > 1  # the choice matters on this data
+
+
+def test_certify_command_calibrates_the_threshold(tmp_path, capsys):
+    from gmcert.cli import main
+
+    model = tmp_path / "model"
+    assert main(["fit", "--encoder", "identity", "--dim", "16", "--out", str(model), "--cache-dir", ""]) == 0
+    out = tmp_path / "h.tsv"
+    assert main(["certify", "--model", str(model), "--out", str(out), "--limit", "6", "--fallback", "smoothing",
+                 "--target-radius", "0.3", "--calibrate", "12", "--max-samples", "300", "--alpha", "0.01",
+                 "--cache-dir", ""]) == 0
+    assert "route threshold tau" in capsys.readouterr().err
+    import json
+
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["fallback_policy"]["route_threshold"] is not None and sum(summary["rows_by_path"].values()) == 6
