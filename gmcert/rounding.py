@@ -14,16 +14,16 @@ folded in, an activation, a pool, a resize, a residual block). With y_i exact an
 
 delta_i being the local rounding error at the input the group actually got. It is bounded
 componentwise from the standard model |fl(a op b) - a op b| <= u |a op b| (u the unit roundoff,
-2^-53 in float64, gamma_n = n u / (1 - n u)) and then taken in L2 norm per sample:
+2^-53 in float64, gamma_n = n u / (1 - n u)) and then taken in L2 norm per sample; e_0 = ||x - fl(x)||:
 
 * conv / linear with fan-in k: |fl(Wx + b) - (Wx + b)| <= gamma_{k+1} (|W||x| + |b|) in any summation
-  order, FMA or blocking; computed as the same conv with |W| on |x|. FFT and Winograd convolutions and
-  TF32 break it, so the pass runs with TF32, cuDNN, oneDNN and NNPACK off (:func:`standard_arithmetic`):
-  convolutions are then im2col + BLAS or direct loops;
-* BatchNorm (x - mu) s + beta with s = w / sqrt(v + eps), in whatever order torch evaluates it:
-  gamma_16 (|x||s| + |mu s| + |beta|). Folded after a conv: |s| times the conv's term plus that, with
-  |c^| <= (1 + gamma_{k+1}) (|W||x| + |b|); normalisation (x - m) / s: gamma_2 (|x| + |m|) / s;
-  the projection (x - m) W^T: gamma_{k+2} |W| (|x| + |m|);
+  order, with or without FMA or blocking; evaluated as the same conv with |W| on |x|. FFT and Winograd
+  convolutions and TF32 break it, so the pass runs with TF32, cuDNN, oneDNN and NNPACK off
+  (:func:`standard_arithmetic`): im2col + BLAS or direct loops. A following BatchNorm is folded in by
+  the pass itself (W s and (b - mu) s + beta with s = w / sqrt(v + eps), computed in float64 and
+  rounded once, within gamma_8 of exact): gamma_{k+12} (|W s||x| + |b s| + |mu s| + |beta|);
+* BatchNorm alone, in whatever order torch evaluates it: gamma_16 (|x||s| + |mu s| + |beta|);
+  normalisation (x - m) / s: gamma_2 (|x| + |m|) / s; the projection (x - m) W^T: gamma_{k+2} |W|(|x| + |m|);
 * average pools over N values: gamma_{N+2} avg(|x|); max-pool, ReLU, ReLU6, clamps, flatten: exact;
   sigmoid, tanh, softplus, SiLU (libm): 64 u |y|, i.e. 32 ulps where PyTorch's kernels are within a
   few; GELU, hardswish, hardsigmoid, ELU (cancellation in 1 + erf and the like): 64 u (|y| + |x| + 1);
@@ -38,7 +38,11 @@ componentwise from the standard model |fl(a op b) - a op b| <= u |a op b| (u the
 
 Bound terms are evaluated in float64 from nonnegative terms (fewer than 10^9 per sum), and every e_i
 is inflated by 1 + 1e-6, more than their own rounding. The unit roundoff follows the pass's dtype, so
-the same code bounds a float32 pass (u = 2^-24): the tests check that against float64.
+the same code bounds a float32 pass (u = 2^-24): the tests check that against float64. The output
+differs from ``module.double()(x)`` only in rounding (folded BatchNorm, the resize, and depthwise
+convs, which on CPU run tap by tap: PyTorch's float64 CPU kernel for them is many times slower).
+For deep encoders without norm-bounded layers err is as vacuous as L (about 1e28 for the pretrained
+EfficientNet-Lite0 card, L ~ 1e40); it is small where L is (BRIEF section 10).
 """
 from __future__ import annotations
 
@@ -53,12 +57,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from gmcert.errors import DataError
-from gmcert.lipschitz import _bn_scale, _groups, _traced_ops
+from gmcert.lipschitz import LipschitzUnsupportedError, _bn_scale, _groups, _traced_ops
 from gmcert.projection import ProjectionLayer
 
 DTYPES = (torch.float64, torch.float32)
 _INFLATE = 1.0 + 1e-6
 _BN_ROUNDINGS = 16
+_CHUNK_BYTES = 4 << 20
 _EXACT_ACTS = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
 _SMOOTH_ACTS = (nn.Sigmoid, nn.Tanh, nn.Softplus, nn.SiLU)
 _TINY64 = torch.finfo(torch.float64).tiny * torch.finfo(torch.float64).eps
@@ -84,12 +89,6 @@ def standard_arithmetic():
     finally:
         torch.backends.cuda.matmul.allow_tf32, precision, torch.backends.mkldnn.enabled = saved
         torch.set_float32_matmul_precision(precision)
-
-
-def _up(value: Fraction) -> float:
-    """The float64 at or just above a nonnegative rational."""
-    out = float(value)
-    return out if Fraction(out) >= value else math.nextafter(out, math.inf)
 
 
 def _cubic(x, a):
@@ -150,26 +149,22 @@ class _Step:
     def __init__(self, group, u, dtype):
         self.group, self.op, self.L = group, group.op, group.value
         self.kind, m, self.terms, self.u, self.dtype = group.op.kind, group.op.module, {}, u, dtype
-        self.body = [_Step(g, u, dtype) for g in group.body]
+        self.body, self.nonnegative_input = _steps(group.body, u, dtype), False
         tiny = torch.finfo(dtype).tiny * torch.finfo(dtype).eps + _TINY64
         g16, k = gamma(_BN_ROUNDINGS, u), 4
-        if self.kind in ("conv", "linear"):
-            w = m.weight.detach().double()
-            k = w[0].numel() + 2
-            g = gamma(k, u)
-            c1, c3 = torch.full((w.shape[0],), g, dtype=torch.float64), torch.zeros(w.shape[0], dtype=torch.float64)
-            if group.bn is not None:
-                bn = group.bn.module
-                s = _bn_scale(bn).abs()
-                c1 = s * (g + g16 * (1.0 + g))
-                c3 = g16 * ((bn.running_mean.double() * s).abs() + (bn.bias.detach().double().abs()
-                                                                    if bn.bias is not None else 0.0))
-            shape = (-1,) + (1,) * (w.ndim - 1)
-            if isinstance(m, ProjectionLayer):
-                bias = w.abs() @ m.mean.double().abs()
-            else:
-                bias = m.bias.detach().double().abs() if m.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
-            self.terms = {"weight": w.abs() * c1.view(shape), "bias": bias * c1 + c3}
+        if self.kind in ("conv", "linear"):  # BatchNorm folded: W s and (b - mu) s + beta, rounded once
+            w, bn, projection = m.weight.detach().double(), group.bn and group.bn.module, isinstance(m, ProjectionLayer)
+            k, shape = w[0].numel() + (12 if bn else 2), (-1,) + (1,) * (w.ndim - 1)  # bias, subtraction, folding
+            b = m.bias.detach().double() if not projection and m.bias is not None else torch.zeros(len(w)).double()
+            s = _bn_scale(bn) if bn else torch.ones(len(w), dtype=torch.float64)
+            beta = bn.bias.detach().double() if bn and bn.bias is not None else torch.zeros(len(w)).double()
+            mu = bn.running_mean.double() if bn else torch.zeros(len(w), dtype=torch.float64)
+            folded_bias = b * s + (beta - mu * s) if bn or not projection and m.bias is not None else None
+            self.terms = {"folded_weight": (w * s.view(shape)).to(dtype),
+                          "folded_bias": folded_bias.to(dtype) if folded_bias is not None else None}
+            g, ws = gamma(k, u), w.abs() * s.abs().view(shape)
+            extra = ws @ m.mean.double().abs() if projection else 0.0
+            self.terms.update(weight=g * ws, bias=g * (b.abs() * s.abs() + (mu * s).abs() + beta.abs() + extra))
         elif self.kind in ("bn", "normalize"):
             if self.kind == "bn":
                 s = _bn_scale(m).abs()
@@ -179,10 +174,10 @@ class _Step:
                 std, mean = m.std.double().abs().flatten(), m.mean.double().abs().flatten()
                 c2, c3 = gamma(2, u) / std, gamma(2, u) * mean / std
             self.terms = {"scale": c2, "offset": c3}
-        elif self.kind == "act":
-            a = 1.0 if type(m) is not nn.ELU else max(1.0, abs(m.alpha))
-            self.coef = (0.0, 0.0, 0.0) if type(m) in _EXACT_ACTS else (2 * u, 0.0, 0.0) \
-                if type(m) is nn.LeakyReLU else (64 * u, 0.0, 0.0) if type(m) in _SMOOTH_ACTS else (64 * u,) * 2 + (64 * u * a,)
+        elif self.kind == "act":  # multiples of u for |y|, |x| and 1
+            coef = (0, 0, 0) if type(m) in _EXACT_ACTS else (2, 0, 0) if type(m) is nn.LeakyReLU else \
+                (64, 0, 0) if type(m) in _SMOOTH_ACTS else (64, 64, 64 * max(1.0, abs(getattr(m, "alpha", 1.0))))
+            self.coef = tuple(c * u for c in coef)
         elif self.kind in ("global_avg", "avgpool"):
             k = (self.op.in_shape[1] * self.op.in_shape[2] if self.kind == "global_avg"
                  else math.prod(nn.modules.utils._pair(m.kernel_size))) + 2
@@ -205,7 +200,7 @@ class _Step:
         self.floor = k * tiny
 
     def to(self, device):
-        self.terms = {k: v.to(device) for k, v in self.terms.items()}
+        self.terms = {k: v.to(device) if v is not None else None for k, v in self.terms.items()}
         for step in self.body:
             step.to(device)
 
@@ -218,13 +213,13 @@ class _Step:
             return out, (e + e_body + gamma(1, self.u) * _norm(out)) * _INFLATE
         delta = None
         if kind in ("conv", "linear"):
-            y = _conv(m, x, m.weight, m.bias) if kind == "conv" else m(x)
-            if self.group.bn is not None:
-                bn = self.group.bn.module
-                y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-            a = x.abs().double()
-            delta = _conv(m, a, t["weight"], t["bias"]) if kind == "conv" else F.linear(
-                a.flatten(1) if isinstance(m, ProjectionLayer) else a, t["weight"], t["bias"])
+            a = (x if self.nonnegative_input else x.abs()).double()
+            if kind == "conv":
+                y, delta = _conv(m, x, t["folded_weight"], t["folded_bias"]), _conv(m, a, t["weight"], t["bias"])
+            else:
+                projection = isinstance(m, ProjectionLayer)
+                y = F.linear(x.flatten(1) - m.mean if projection else x, t["folded_weight"], t["folded_bias"])
+                delta = F.linear(a.flatten(1) if projection else a, t["weight"], t["bias"])
         elif kind in ("bn", "normalize"):
             y = F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps) \
                 if kind == "bn" else (x - m.mean) / m.std
@@ -275,13 +270,23 @@ def _conv(conv, x, weight, bias):
         pads = (conv.padding[1], conv.padding[1], conv.padding[0], conv.padding[0])
     x = F.pad(x, pads)
     oh, ow = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1, (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    y = None
-    for i in range(kh):
-        for j in range(kw):
-            tap = x[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw]
-            w = weight[:, 0, i, j].view(1, -1, 1, 1)
-            y = tap * w if y is None else y.addcmul_(tap, w)
-    return y if bias is None else y.add_(bias.view(1, -1, 1, 1))
+    out = []
+    for chunk in x.split(max(1, _CHUNK_BYTES // (x[0].numel() * x.element_size()))):  # stay in cache
+        y = None
+        for i in range(kh):
+            for j in range(kw):
+                tap = chunk[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw]
+                w = weight[:, 0, i, j].view(1, -1, 1, 1)
+                y = tap * w if y is None else y.addcmul_(tap, w)
+        out.append(y if bias is None else y.add_(bias.view(1, -1, 1, 1)))
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def _steps(groups, u, dtype):
+    steps = [_Step(g, u, dtype) for g in groups]
+    for before, step in zip(steps, steps[1:]):  # after a ReLU, |x| is x: spare a pass
+        step.nonnegative_input = before.kind == "act" and type(before.op.module) in (nn.ReLU, nn.ReLU6)
+    return steps
 
 
 def _norm(t):
@@ -312,8 +317,9 @@ class ForwardErrorBound:
     module : torch.nn.Module
         In eval mode; any module :mod:`gmcert.lipschitz` bounds (encoders, projections, ...). It is
         copied; the caller's module is never converted.
-    input_shape : (C, H, W)
-        Shape of one input (pixels, before the encoder's resize).
+    input_shape : tuple
+        Shape of one input: ``(C, H, W)`` pixels before the encoder's resize, or ``(d,)`` for a
+        projection alone.
     dtype : torch.float64 or torch.float32, default float64
         Precision of the pass; its unit roundoff (2^-53 or 2^-24) drives the bound. float32 exists to
         check the bound against float64.
@@ -336,30 +342,40 @@ class ForwardErrorBound:
         if dtype not in DTYPES:
             raise DataError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         param = next(module.parameters(), None)
-        self.device = param.device if param is not None else torch.device("cpu")
+        self.device = param.device if param is not None else torch.device("cpu")  # where passes run by default
         self.input_shape, self.dtype = tuple(int(s) for s in input_shape), dtype
         self.unit_roundoff = torch.finfo(dtype).eps / 2
         self.module_ = _exact_copy(module, dtype)
         groups = _groups(_traced_ops(self.module_, self.input_shape))
         self.layers = [(g.op.name + ("+bn" if g.bn is not None else ""), g.value) for g in groups]
         self.lipschitz = float(np.prod([value for _, value in self.layers]))
-        self._steps, self._device = [_Step(g, self.unit_roundoff, dtype) for g in groups], torch.device("cpu")
+        self._steps, self._location = _steps(groups, self.unit_roundoff, dtype), torch.device("cpu")
+        x = torch.rand((2, *self.input_shape), generator=torch.Generator().manual_seed(1)).to(dtype)
+        with standard_arithmetic():  # the pass computes the module's own function, up to rounding
+            want, got = self.module_(x), _run(self._steps, x, torch.zeros(2, dtype=torch.float64))[0]
+        if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-4, atol=1e-5 * float(want.abs().max())):
+            raise LipschitzUnsupportedError(f"{type(module).__name__}: the rounding analysis does not reproduce "
+                                            "the module's forward pass")
 
     def __call__(self, X, batch_size: int = 64, device=None) -> tuple:
         """``(Z, err)``: outputs ``(n, d)`` float64 and bounds ``(n,)`` on ``||Z_i - f(X_i)||_2``.
 
-        ``X`` is ``(n, C, H, W)`` (array or tensor); values that ``dtype`` cannot hold count as input
-        error. Non-finite outputs get ``err = inf``.
+        ``X`` is ``(n, *input_shape)`` (array or tensor); values that ``dtype`` cannot hold count as
+        input error. ``batch_size`` inputs go through at a time, on ``device`` (default: the module's).
+        Non-finite outputs get ``err = inf``.
         """
         X = torch.as_tensor(X)
-        if X.ndim != 4 or tuple(X.shape[1:]) != self.input_shape:
-            raise DataError(f"X must have shape (n, {', '.join(map(str, self.input_shape))}), got {tuple(X.shape)}")
+        if tuple(X.shape[1:]) != self.input_shape or len(X) == 0:
+            raise DataError(f"X must have shape (n >= 1, {', '.join(map(str, self.input_shape))}), "
+                            f"got {tuple(X.shape)}")
+        if int(batch_size) < 1:
+            raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
         device = torch.device(device) if device is not None else self.device
-        if device != self._device:
+        if device != self._location:
             self.module_.to(device)
             for step in self._steps:
                 step.to(device)
-            self._device = device
+            self._location = device
         Z, err = [], []
         with standard_arithmetic():
             for batch in X.split(int(batch_size)):

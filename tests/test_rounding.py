@@ -92,7 +92,7 @@ def test_float32_pass_stays_within_its_bound_on_a_small_cnn():
         assert observed.max() > 1e-4 * err32.max(), name  # not vacuous: L is 2 here
     assert all(np.all(err64 < 1e-8 * err32) for _, _, err32, err64 in stages)  # the same analysis at 2^-53
     for name, observed, err32, _ in stages[:3]:  # before the bound's worst case compounds: tight
-        assert observed.max() > 1e-2 * err32.max(), name
+        assert observed.max() > 5e-3 * err32.max(), name
 
 
 def test_float32_pass_stays_within_its_bound_on_a_lite0_card():
@@ -125,7 +125,8 @@ def test_resize_uses_torchs_exact_weights_and_bounds_their_rounding(size_in, siz
         eye = torch.eye(n_in, dtype=torch.float64).view(n_in, 1, n_in, 1).expand(-1, -1, -1, 2).contiguous()
         torch_w = F.interpolate(eye, size=(n_out, 2), mode=mode, align_corners=False, antialias=shrink)[:, 0, :, 0].T
         exact = exact_interpolation_weights(n_in, n_out, mode, shrink)
-        gap = max(abs(Fraction(float(torch_w[i, j])) - row.get(j, 0)) for i, row in enumerate(exact) for j in range(n_in))
+        gap = max(abs(Fraction(float(torch_w[i, j])) - row.get(j, 0))
+                  for i, row in enumerate(exact) for j in range(n_in))
         assert gap < 1e-12
     X = torch.rand(4, 3, *size_in, generator=torch.Generator().manual_seed(3))
     observed, err32, err64, _ = _both(nn.Sequential(Resize(size_out, mode)), (3, *size_in), X)
@@ -138,6 +139,12 @@ def _bn_far_from_zero(channels):  # (x - 1000) s + beta: a cancellation, float32
     return bn
 
 
+def _bn_offset(channels):  # output near beta = 1000: float32 errs by about u 1000 in the folded bias
+    bn = _random_bn(nn.BatchNorm2d(channels), 10)
+    bn.bias.data.fill_(1000.0)
+    return bn
+
+
 def _normalize_only():
     card = EncoderCard(name="norm", architecture="none", input_size=(3, 8, 8), mean=(0.3, 0.5, 0.7),
                        std=(0.2, 0.3, 0.1), interpolation="bilinear", feature_dim=1)
@@ -145,15 +152,17 @@ def _normalize_only():
 
 
 SINGLE_OPS = [
-    ("conv", lambda: nn.Conv2d(4, 6, 3, padding=1), (4, 8, 8), 0.0),
-    ("depthwise_same_stride2", lambda: create_conv2d(6, 6, 5, stride=2, padding="same", depthwise=True), (6, 9, 9), 0.0),
+    ("conv", lambda: nn.Conv2d(4, 6, 3, padding=1), (4, 8, 8), -2.0),
+    ("depthwise_same_stride2", lambda: create_conv2d(6, 6, 5, stride=2, padding="same", depthwise=True), (6, 9, 9),
+     -2.0),
     ("conv_bn", lambda: nn.Sequential(nn.Conv2d(4, 4, 3), _random_bn(nn.BatchNorm2d(4), 8)), (4, 8, 8), 0.0),
+    ("conv_bn_offset", lambda: nn.Sequential(nn.Conv2d(4, 4, 3), _bn_offset(4)), (4, 8, 8), -2.0),
     ("bn_cancellation", lambda: _bn_far_from_zero(4), (4, 6, 6), 1000.0),
     ("normalize", _normalize_only, (3, 8, 8), 0.0),
     ("silu", nn.SiLU, (4, 6, 6), -0.5), ("gelu", nn.GELU, (4, 6, 6), -0.5), ("sigmoid", nn.Sigmoid, (4, 6, 6), -0.5),
     ("avgpool", lambda: nn.AvgPool2d(3, stride=2, padding=1), (4, 9, 9), 0.0),
     ("global_avg", lambda: nn.AdaptiveAvgPool2d(1), (4, 32, 32), 0.0),
-    ("linear", lambda: nn.Sequential(nn.Flatten(), nn.Linear(96, 10)), (6, 4, 4), 0.0),
+    ("linear", lambda: nn.Sequential(nn.Flatten(), nn.Linear(96, 10)), (6, 4, 4), -2.0),
     ("resize", lambda: Resize((9, 13), "bicubic"), (3, 20, 20), 0.0),
 ]
 
@@ -179,6 +188,23 @@ def test_input_error_goes_through_L_and_through_the_skip_of_a_residual():
         assert np.all(observed <= err32 + err64)
 
 
+def test_the_bound_of_affine_layers_sees_only_magnitudes():
+    torch.manual_seed(0)  # gamma_k (|W||x| + |b|): x and |x| get the same bound, cancellations or not
+    X = torch.randn(4, 4, 6, 6, generator=torch.Generator().manual_seed(12))
+    for layer in (nn.Conv2d(4, 4, 3), create_conv2d(4, 4, 3, depthwise=True),
+                  nn.Sequential(nn.Flatten(), nn.Linear(144, 5))):
+        bound = ForwardErrorBound(nn.Sequential(layer).eval(), (4, 6, 6))
+        assert np.array_equal(bound(X)[1], bound(X.abs())[1])
+
+
+def test_inputs_the_pass_cannot_hold_count_as_input_error():
+    X = torch.rand(6, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    net = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2))  # exact ops: the float32 pass errs by rounding X only
+    (Z32, err32), (Z64, _) = (ForwardErrorBound(net, (2, 6, 6), dtype=t)(X) for t in (torch.float32, torch.float64))
+    observed = np.linalg.norm(Z32 - Z64, axis=1)
+    assert np.all(observed <= err32) and np.all(observed > 0.1 * err32)
+
+
 def test_near_isometric_net_gets_a_tiny_float64_bound():
     net = _orthogonal_chain(6)
     X = torch.randn(10, 1, 8, 8, generator=torch.Generator().manual_seed(4))
@@ -201,7 +227,8 @@ def test_output_is_the_float64_module_output_and_the_callers_module_is_untouched
     plain = _orthogonal_chain(3)  # torch's own kernels throughout: bit for bit
     X = torch.randn(5, 1, 8, 8)
     with torch.no_grad():
-        assert np.array_equal(ForwardErrorBound(plain, (1, 8, 8))(X)[0], copy.deepcopy(plain).double()(X.double()).numpy())
+        reference = copy.deepcopy(plain).double()(X.double()).numpy()
+    assert np.array_equal(ForwardErrorBound(plain, (1, 8, 8))(X)[0], reference)
     assert all(v.dtype == before[k].dtype and torch.equal(v, before[k]) for k, v in net.state_dict().items())
     assert not net.training and next(net.parameters()).dtype == torch.float32
 
