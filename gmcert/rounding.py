@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -82,12 +83,20 @@ def standard_arithmetic():
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision(), torch.backends.mkldnn.enabled)
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.mkldnn.enabled = False
-        torch.set_float32_matmul_precision("highest")
+        _set_matmul_precision("highest")
         with torch.backends.cudnn.flags(enabled=False, allow_tf32=False), torch.backends.nnpack.flags(enabled=False), \
                 torch.no_grad():
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, precision, torch.backends.mkldnn.enabled = saved
+        _set_matmul_precision(precision)
+
+
+def _set_matmul_precision(precision: str) -> None:
+    # torch also sets oneDNN's TF32 flag here and warns, on every call, that this build has no Intel
+    # GPU support: noise on every certify
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
         torch.set_float32_matmul_precision(precision)
 
 
