@@ -249,7 +249,9 @@ class Pipeline:
 
         The certificate is for the pipeline's exact-arithmetic function: the latent radius computed
         at the float latent loses the bound on that latent's rounding error (the latent radius is
-        1-Lipschitz in z), then is divided by the input Lipschitz constant for this input shape.
+        1-Lipschitz in z; the bound is ``extra["latent_error"]``), then is divided by the input
+        Lipschitz constant for this input shape. ``latent_radius`` is the head's radius at the
+        computed latent.
         ``extra["radius_upper"]`` bounds the same quantity from above (``inf`` where the latent
         radius is only a lower bound): hybrid routing uses both. ``lipschitz="estimate"`` (card
         encoders only) divides by a local CLEVER-style estimate and labels the radius
@@ -259,8 +261,9 @@ class Pipeline:
         Z, err = self.certified_latents(X)
         pred, computed, exact = self.head.certify(Z, method=method, return_exact=True)
         # sound for z_exact, rounded down; an exact computed radius is also within the solver's
-        # tolerance of the true one, which gives the upper end
-        latent_radius = np.maximum(computed - err, 0.0) * (1 - 4 * EPS)
+        # tolerance of the true one, which gives the upper end. ``latent_radius`` stays the head's
+        # own radius at the computed latent: a statement about the head, as the TSV column says.
+        sound_latent = np.maximum(computed - err, 0.0) * (1 - 4 * EPS)
         latent_upper = np.where(exact, computed * (1 + UPPER_TOL) + err, np.inf)
         if lipschitz == "estimate" and self.encoder_name not in LINEAR_ENCODERS:
             import torch
@@ -280,9 +283,9 @@ class Pipeline:
         return [
             Certificate(prediction=int(p), radius=float(r / l * (1 - 4 * EPS)), radius_kind=str(k),
                         path="closed_form", samples=1, stop_reason="closed_form",
-                        latent_radius=float(r), time=per_point,
+                        latent_radius=float(c), time=per_point,
                         extra={"radius_upper": float(u / l * (1 + 4 * EPS)), "latent_error": float(e)})
-            for p, r, u, l, k, e in zip(pred, latent_radius, latent_upper, L, kinds, err)
+            for p, r, c, u, l, k, e in zip(pred, sound_latent, computed, latent_upper, L, kinds, err)
         ]
 
     # -- torch view ------------------------------------------------------------------------

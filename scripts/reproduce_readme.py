@@ -60,14 +60,17 @@ def main(argv=None) -> int:
         _section("Embedded default: `gmcert compare --model runs/default` (the command's own defaults)",
                  default / "compare",
                  "digits -> efficientnet_lite0 -> PCA 64 -> full-covariance GM head, fitted on clean images. "
-                 "Its input radii are sound `bound`s, vacuous for a deep encoder, and the clean-trained base "
+                 "Its input radii are sound `bound`s, 0 for a deep encoder (its Lipschitz and rounding-error "
+                 "bounds are vacuous), and the clean-trained base "
                  "classifier is fragile under pixel noise, so smoothing certifies little: this is what the "
                  "default pipeline honestly supports."),
         "![certified accuracy, embedded default](docs/compare-default.png)", "",
         _section("Raw pixels: `gmcert fit --encoder identity --dim 32`, then `gmcert compare` with Cohen's n up "
                  "to 1e5", raw / "compare",
                  "digits pixels (1x8x8) -> PCA 32 -> full-covariance GM head: the closed-form radii are `exact` "
-                 "input radii of the GM classifier; the smoothing radii certify the smoothed classifier."),
+                 "input radii of the GM classifier, or a sound `bound` on the rows where rounding slack could "
+                 "move the radius by more than 1e-8 (kind `bound/exact`); the smoothing radii certify the "
+                 "smoothed classifier."),
         "![certified accuracy, raw pixels](docs/compare-raw-pixels.png)",
         END,
     ])
