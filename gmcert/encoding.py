@@ -76,18 +76,21 @@ def latent_cache_key(encoder, dataset_identity: str, transform: dict | None = No
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:40]
 
 
-def _read_cache(path: Path, n: int):
+def read_cached(path: Path, n: int, names=("latents",)):
+    """The arrays ``names`` of a cache file, each with ``n`` rows, or None (missing or unreadable:
+    recompute and overwrite)."""
     try:
         with np.load(path, allow_pickle=False) as archive:
-            latents = archive["latents"]
+            arrays = tuple(archive[name] for name in names)
     except (OSError, KeyError, ValueError):
-        return None  # unreadable cache: recompute and overwrite
-    return latents if latents.ndim == 2 and latents.shape[0] == n else None
+        return None
+    return arrays if all(a.shape[:1] == (n,) for a in arrays) else None
 
 
-def _write_cache(path: Path, latents: np.ndarray, key: str):
+def write_cached(path: Path, key: str, **arrays):
+    """Write a cache file atomically: a killed run never leaves a half-written file to trust."""
     with atomic_write(path) as handle:
-        np.savez(handle, latents=latents, key=np.array(key))
+        np.savez(handle, key=np.array(key), **arrays)
 
 
 def encode(encoder, images, batch_size: int = 64, device=None, cache_dir=None, cache_key: str | None = None,
@@ -123,20 +126,21 @@ def encode(encoder, images, batch_size: int = 64, device=None, cache_dir=None, c
     n = int(images.shape[0])
     path = Path(cache_dir) / f"{cache_key}.npz" if cache_dir is not None and cache_key else None
     if path is not None and path.is_file():
-        cached = _read_cache(path, n)
-        if cached is not None:
-            return cached
+        cached = read_cached(path, n)
+        if cached is not None and cached[0].ndim == 2:
+            return cached[0]
     device = torch.device(device) if device is not None else default_device()
     encoder = encoder.eval().to(device)
     chunks = []
     with torch.inference_mode():
+        # delay: no bar for an encode that takes a moment (a toy model's one-batch calls)
         for start in tqdm(range(0, n, batch_size), desc="encode", unit="batch", disable=not progress,
-                          leave=False):
+                          leave=False, delay=2):
             batch = images[start:start + batch_size].to(device, torch.float32, non_blocking=True)
             chunks.append(encoder(batch).float().cpu())
     latents = (torch.cat(chunks) if chunks else torch.empty(0, 0)).numpy()
     if latents.ndim != 2 or latents.shape[0] != n:
         raise DataError(f"encoder returned shape {latents.shape}, expected ({n}, d)")
     if path is not None:
-        _write_cache(path, latents, cache_key)
+        write_cached(path, cache_key, latents=latents)
     return latents

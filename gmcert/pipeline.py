@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gmcert.atomic import replace_directory
 from gmcert.dual import EPS, RADIUS_SHAVE
 from gmcert.errors import DataError, ModelFileError
 from gmcert.mixture import GaussianMixtureClassifier
@@ -214,7 +215,7 @@ class Pipeline:
             self._error_bounds[key] = ForwardErrorBound(self.encoder, shape, dtype=torch.float64)
         return self._error_bounds[key]
 
-    def certified_latents(self, X):
+    def certified_latents(self, X, dataset_identity: str | None = None):
         """Head inputs ``z`` ``(n, d)`` float64 and a sound bound ``(n,)`` on ``||z - z_exact||``.
 
         ``z_exact`` is what exact arithmetic would give. The encoder runs in float64 and
@@ -230,9 +231,27 @@ class Pipeline:
             raise DataError(f"images must have shape (N, C, H, W), got {X.shape}")
         if not np.all(np.isfinite(X)):
             raise DataError("images contain NaN or inf")
-        raw, err = self._error_bound(X.shape[1:])(X, batch_size=self.batch_size, device=self.device)
+        raw, err = self._certified_pass(X, dataset_identity)
         err = err * self.projection.lipschitz_constant() + self.projection.transform_error(raw)
         return self.projection.transform(raw), err * (1 + 8 * EPS)
+
+    def _certified_pass(self, X, dataset_identity):
+        """The encoder's float64 pass and its error bound, through the latent cache when the data
+        has an identity (so ``gmcert certify`` after ``gmcert fit`` does not encode again)."""
+        from gmcert.encoding import latent_cache_key, read_cached, write_cached
+
+        bound = self._error_bound(X.shape[1:])
+        path = None
+        if self.cache_dir is not None and dataset_identity is not None:
+            key = latent_cache_key(self.encoder, dataset_identity, {"pass": "float64 + rounding bound", "version": 1})
+            path = Path(self.cache_dir) / f"{key}.npz"
+            cached = read_cached(path, len(X), ("latents", "error")) if path.is_file() else None
+            if cached is not None:
+                return cached
+        raw, err = bound(X, batch_size=self.batch_size, device=self.device)
+        if path is not None:
+            write_cached(path, key, latents=raw, error=err)
+        return raw, err
 
     def _estimate_lipschitz(self, x) -> float:
         """CLEVER-style local estimate at one input: NOT sound (kind ``estimate``)."""
@@ -258,7 +277,7 @@ class Pipeline:
         ``estimate``; otherwise the radius is ``exact`` or ``bound``, row by row.
         """
         start = time.perf_counter()
-        Z, err = self.certified_latents(X)
+        Z, err = self.certified_latents(X, dataset_identity)
         pred, computed, exact = self.head.certify(Z, method=method, return_exact=True)
         # sound for z_exact, rounded down; an exact computed radius is also within the solver's
         # tolerance of the true one, which gives the upper end. ``latent_radius`` stays the head's
@@ -342,7 +361,7 @@ class Pipeline:
             self.head.save(tmp / "head.npz")
             save_arrays(tmp / "projection.npz", {"format": "gmcert-projection", "format_version": 1},
                         self.projection.to_arrays())
-            _replace_directory(tmp, path)
+            replace_directory(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -383,14 +402,3 @@ class Pipeline:
                  "input_shape", "lipschitz", "batch_size", "encoder_description"}
         pipeline.metadata = {k: v for k, v in meta.items() if k not in known}
         return pipeline
-
-
-def _replace_directory(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing ``target`` is swapped out first, then deleted."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{time.time_ns()}")
-        target.rename(old)
-    new.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -170,3 +170,27 @@ def test_near_boundary_float32_inputs_get_no_wrong_certificate(digits):
     assert not wrong, f"{len(wrong)} certificates for a class the float64 pipeline does not predict"
     old_pred, old_radius = pipe.head.certify(pipe.latents(X))
     assert np.sum((old_radius > 0) & (old_pred != truth)) > 0  # the check would catch the old path
+
+
+def test_certified_pass_hits_the_latent_cache(tmp_path, digits, monkeypatch):
+    """`gmcert certify` after `gmcert fit` reuses the certifying pass (latents and error bound)."""
+    from gmcert import rounding
+
+    card = tmp_path / "tiny.toml"
+    card.write_text('name = "tiny"\narchitecture = "tf_efficientnet_lite0"\ninput_size = [3, 16, 16]\n'
+                    'mean = [0.5, 0.5, 0.5]\nstd = [0.5, 0.5, 0.5]\ninterpolation = "bilinear"\nfeature_dim = 1280\n')
+    images, labels = digits
+    X = images[:60].expand(-1, 3, -1, -1).numpy()
+    pipe = Pipeline(encoder=str(card), pretrained=False, n_components=8, cache_dir=tmp_path / "cache")
+    pipe.fit(X, labels[:60], dataset_identity="digits[:60]")
+    calls = []
+    original = rounding.ForwardErrorBound.__call__
+    monkeypatch.setattr(rounding.ForwardErrorBound, "__call__", lambda self, *a, **k: calls.append(1) or
+                        original(self, *a, **k))
+    first = pipe.certify(X[:20], dataset_identity="digits[:20]")
+    second = pipe.certify(X[:20], dataset_identity="digits[:20]")
+    assert len(calls) == 1
+    assert [(c.prediction, c.radius, c.extra["latent_error"]) for c in first] == \
+        [(c.prediction, c.radius, c.extra["latent_error"]) for c in second]
+    pipe.certify(X[:20])  # no identity, no cache
+    assert len(calls) == 2
