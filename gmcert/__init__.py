@@ -6,10 +6,10 @@ __version__ = "0.1.0"
 
 # Heavy modules (torch, timm) load only when their names are first used.
 _LAZY = {
-    "GaussianMixtureClassifier": "gmcert.mixture",
-    "load_encoder": "gmcert.encoders",
+    "GaussianMixtureClassifier": "gmcert.latent.mixture",
+    "load_encoder": "gmcert.encoders.cards",
     "Pipeline": "gmcert.pipeline",
-    "Smoother": "gmcert.smoothing",
+    "Smoother": "gmcert.smoothing.smoother",
 }
 
 

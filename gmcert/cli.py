@@ -146,7 +146,7 @@ def _add_fallback_args(p):
 
 # -- commands ---------------------------------------------------------------------------------
 def cmd_fit(args) -> int:
-    from gmcert.mixture import GaussianMixtureClassifier
+    from gmcert.latent.mixture import GaussianMixtureClassifier
     from gmcert.pipeline import LINEAR_ENCODERS, Pipeline
 
     if args.latents:
@@ -300,7 +300,7 @@ def _calibrate_route_threshold(args, pipeline) -> None:
 
 
 def cmd_diagnose(args) -> int:
-    from gmcert.mismatch import mismatch_report
+    from gmcert.mismatch.divergence import mismatch_report
     from gmcert.report import write_json_atomic
 
     pipeline = load_model(args.model, device=args.device, cache_dir=args.cache_dir or None)

@@ -103,7 +103,7 @@ def _run_method(name, pipeline, smoother, x, config):
         cert = smoother.certify(image, n0=config.n0, n=int(name[len("cohen-n"):]), alpha=config.alpha,
                                 batch_size=config.batch_size)
     else:
-        from gmcert.smoothing import HeadPrior
+        from gmcert.smoothing.smoother import HeadPrior
 
         cert = smoother.certify_sequential(image, alpha=config.alpha, max_radius=2 * config.sigma,
                                            max_samples=config.max_samples, prior=HeadPrior(),

@@ -73,7 +73,7 @@ class FallbackPolicy:
     mismatch_threshold : float, optional
         Classes whose ``kl_per_class`` exceeds it never take the closed form (their tau is inf).
     kl_per_class : dict, optional
-        ``label -> estimated KL`` (from ``gmcert.mismatch``); required with ``mismatch_threshold``.
+        ``label -> estimated KL`` (from ``gmcert.mismatch.divergence``); required with ``mismatch_threshold``.
     sigma, alpha, max_samples, seed : smoother settings (pixel-space noise level, failure
         probability per input, evaluation budget per input, generator seed).
     predict_n : int, default 1000
@@ -220,7 +220,7 @@ def routed_certificate(policy, classes, closed, smooth=None) -> Certificate:
 def _smooth_certificate(pipeline, smoother, x, policy, seed):
     import torch
 
-    from gmcert.smoothing import HeadPrior
+    from gmcert.smoothing.smoother import HeadPrior
 
     smoother.reseed(policy.seed + seed)
     start = time.perf_counter()

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from gmcert.atomic import replace_directory
-from gmcert.dual import EPS, RADIUS_SHAVE
+from gmcert.latent.dual import EPS, RADIUS_SHAVE
 from gmcert.errors import DataError, ModelFileError
-from gmcert.mixture import GaussianMixtureClassifier
+from gmcert.latent.mixture import GaussianMixtureClassifier
 from gmcert.results import ABSTAIN, Certificate
 
 FORMAT = "gmcert-pipeline"
@@ -93,8 +93,8 @@ class Pipeline:
             elif self.encoder_name == "identity":
                 self._encoder = torch.nn.Flatten()
             else:
-                from gmcert.encoders import load_encoder
-                from gmcert.encoding import check_same_encoder
+                from gmcert.encoders.cards import load_encoder
+                from gmcert.encoders.encoding import check_same_encoder
 
                 encoder = load_encoder(self.encoder_name, pretrained=self.pretrained, device=self.device)
                 check_same_encoder(self._saved_description, encoder.describe(), self.encoder_name)
@@ -105,7 +105,7 @@ class Pipeline:
         """What identifies the encoder's function: card and weights hash, or a module's checksum."""
         if self.encoder_name in LINEAR_ENCODERS:
             return {"encoder": self.encoder_name}
-        from gmcert.encoding import describe_encoder
+        from gmcert.encoders.encoding import describe_encoder
 
         return describe_encoder(self.encoder)
 
@@ -121,7 +121,7 @@ class Pipeline:
             if X.ndim != 4:
                 raise DataError(f"images must have shape (N, C, H, W), got {X.shape}")
             return X.reshape(len(X), -1)
-        from gmcert.encoding import encode, latent_cache_key
+        from gmcert.encoders.encoding import encode, latent_cache_key
 
         key = None
         if self.cache_dir is not None and dataset_identity is not None:
@@ -145,7 +145,7 @@ class Pipeline:
         better base classifier for randomized smoothing at that noise level (Cohen et al. train
         with the noise they certify with). Closed-form certificates stay exact for the fitted head.
         """
-        from gmcert.projection import make_projection
+        from gmcert.encoders.projection import make_projection
 
         if noise_sigma < 0 or not np.isfinite(noise_sigma) or int(noise_copies) < 1:
             raise DataError(f"noise_sigma must be >= 0 and noise_copies >= 1, got {noise_sigma}, {noise_copies}")
@@ -205,7 +205,7 @@ class Pipeline:
         """The encoder's layer bounds and rounding-error analysis for inputs of ``shape`` (cached)."""
         import torch
 
-        from gmcert.rounding import ForwardErrorBound
+        from gmcert.encoders.rounding import ForwardErrorBound
 
         key = self._encoder_key(shape)
         if key not in self._error_bounds:
@@ -219,7 +219,7 @@ class Pipeline:
         """Head inputs ``z`` ``(n, d)`` float64 and a sound bound ``(n,)`` on ``||z - z_exact||``.
 
         ``z_exact`` is what exact arithmetic would give. The encoder runs in float64 and
-        :class:`gmcert.rounding.ForwardErrorBound` bounds its rounding error (TF32, cuDNN, oneDNN
+        :class:`gmcert.encoders.rounding.ForwardErrorBound` bounds its rounding error (TF32, cuDNN, oneDNN
         and NNPACK off, so no FFT or Winograd convolution); the projection's rounding is added.
         """
         self._check_fitted()
@@ -238,7 +238,7 @@ class Pipeline:
     def _certified_pass(self, X, dataset_identity):
         """The encoder's float64 pass and its error bound, through the latent cache when the data
         has an identity (so ``gmcert certify`` after ``gmcert fit`` does not encode again)."""
-        from gmcert.encoding import latent_cache_key, read_cached, write_cached
+        from gmcert.encoders.encoding import latent_cache_key, read_cached, write_cached
 
         bound = self._error_bound(X.shape[1:])
         path = None
@@ -255,7 +255,7 @@ class Pipeline:
 
     def _estimate_lipschitz(self, x) -> float:
         """CLEVER-style local estimate at one input: NOT sound (kind ``estimate``)."""
-        from gmcert.lipschitz import lipschitz_constant
+        from gmcert.encoders.lipschitz import lipschitz_constant
 
         import torch
 
@@ -316,7 +316,7 @@ class Pipeline:
 
         self._check_fitted()
         dtype = dtype or torch.float32
-        from gmcert.encoding import default_device
+        from gmcert.encoders.encoding import default_device
 
         module = torch.nn.Sequential(self.encoder, self.projection.to_torch(dtype=dtype),
                                      GaussianHead(self.head, dtype=dtype))
@@ -324,8 +324,8 @@ class Pipeline:
         return module.to(torch.device(self.device) if self.device else default_device()).eval()
 
     def smoother(self, sigma: float, seed: int = 0):
-        """A :class:`~gmcert.smoothing.Smoother` whose base classifier is this whole pipeline."""
-        from gmcert.smoothing import Smoother
+        """A :class:`~gmcert.smoothing.smoother.Smoother` whose base classifier is this whole pipeline."""
+        from gmcert.smoothing.smoother import Smoother
 
         return Smoother(self.torch_module(), num_classes=len(self.head.classes_), sigma=sigma, seed=seed)
 
@@ -338,7 +338,7 @@ class Pipeline:
     # -- files -----------------------------------------------------------------------------
     def save(self, path) -> None:
         """Write the model directory atomically: ``pipeline.json``, ``head.npz``, ``projection.npz``."""
-        from gmcert.modelio import save_arrays
+        from gmcert.latent.modelio import save_arrays
 
         self._check_fitted()
         path = Path(path)
@@ -369,8 +369,8 @@ class Pipeline:
     @classmethod
     def load(cls, path, device=None, cache_dir=None) -> "Pipeline":
         """Read a model directory written by :meth:`save`; never unpickles."""
-        from gmcert.modelio import load_arrays
-        from gmcert.projection import projection_from_arrays
+        from gmcert.latent.modelio import load_arrays
+        from gmcert.encoders.projection import projection_from_arrays
 
         path = Path(path)
         meta_path = path / "pipeline.json"

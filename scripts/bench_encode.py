@@ -1,4 +1,4 @@
-"""Throughput of gmcert.encoding.encode against a plain ``model(x)`` loop, same module, same tensors.
+"""Throughput of gmcert.encoders.encoding.encode against a plain ``model(x)`` loop, same module, same tensors.
 
 Both sides run the same encoder module (resize to the card's size + normalisation + network) on
 the same images with the same batch size, cache off; rounds alternate so that machine load
@@ -12,8 +12,8 @@ import time
 import torch
 
 from gmcert.data import load_dataset
-from gmcert.encoders import load_encoder
-from gmcert.encoding import default_device, encode
+from gmcert.encoders.cards import load_encoder
+from gmcert.encoders.encoding import default_device, encode
 
 
 def plain_loop(model, images, batch_size, device):

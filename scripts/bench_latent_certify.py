@@ -20,7 +20,7 @@ import numpy as np
 from sklearn.discriminant_analysis import QuadraticDiscriminantAnalysis
 from threadpoolctl import threadpool_limits
 
-from gmcert.mixture import GaussianMixtureClassifier
+from gmcert.latent.mixture import GaussianMixtureClassifier
 
 TARGETS = {"closed_form": 2.0, "exact": 6.0}
 

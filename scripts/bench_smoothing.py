@@ -33,8 +33,8 @@ from tqdm import tqdm
 from scipy.special import ndtri
 
 from gmcert.head import GaussianHead
-from gmcert.smoothing import HeadPrior, MetaPrior, Smoother, UniformPrior
-from gmcert.stats import clopper_pearson_lower
+from gmcert.smoothing.smoother import HeadPrior, MetaPrior, Smoother, UniformPrior
+from gmcert.smoothing.stats import clopper_pearson_lower
 
 
 def fit_head(X, y, sigma, seed):
@@ -43,10 +43,10 @@ def fit_head(X, y, sigma, seed):
     X_aug = np.concatenate([X + sigma * rng.standard_normal(X.shape) for _ in range(10)])
     y_aug = np.tile(y, 10)
     try:
-        from gmcert.mixture import GaussianMixtureClassifier
+        from gmcert.latent.mixture import GaussianMixtureClassifier
 
         clf = GaussianMixtureClassifier(covariance_type="full").fit(X_aug, y_aug)
-        source = "gmcert.mixture.GaussianMixtureClassifier"
+        source = "gmcert.latent.mixture.GaussianMixtureClassifier"
     except ImportError:  # mixture.py not written yet: the same QDA statistics by hand
         classes = np.unique(y_aug)
         means = np.stack([X_aug[y_aug == k].mean(0) for k in classes])
@@ -55,7 +55,7 @@ def fit_head(X, y, sigma, seed):
             classes_=classes, component_class_=np.arange(len(classes)), component_means_=means,
             component_precisions_=np.linalg.inv(covs), component_log_dets_=np.linalg.slogdet(covs)[1],
             component_log_weights_=np.log(np.bincount(y_aug) / len(y_aug)))
-        source = "QDA fallback (gmcert.mixture unavailable)"
+        source = "QDA fallback (gmcert.latent.mixture unavailable)"
     return GaussianHead(clf).eval(), source
 
 

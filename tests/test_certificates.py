@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from threadpoolctl import threadpool_limits
 
-from gmcert import certificates
-from gmcert.mixture import GaussianMixtureClassifier
+from gmcert.latent import certificates
+from gmcert.latent.mixture import GaussianMixtureClassifier
 
 
 @pytest.fixture(autouse=True)

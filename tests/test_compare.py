@@ -91,7 +91,7 @@ def test_resume_refuses_other_settings(model, tmp_path, capsys):
 
 
 def test_radius_tol_reaches_the_smoother(model, tmp_path, monkeypatch):
-    from gmcert.smoothing import Smoother
+    from gmcert.smoothing.smoother import Smoother
 
     seen, original = [], Smoother.certify_sequential
 

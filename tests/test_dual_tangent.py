@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from gmcert import certificates
-from gmcert.certificates import MixtureGeometry
-from gmcert.mixture import GaussianMixtureClassifier
+from gmcert.latent import certificates
+from gmcert.latent.certificates import MixtureGeometry
+from gmcert.latent.mixture import GaussianMixtureClassifier
 
 DPS = 50
 EXACT_RTOL = 1e-8  # a radius labelled exact is within this of the truth (relative)

@@ -8,7 +8,7 @@ import timm
 import torch
 from skimage import data as skdata
 
-from gmcert.encoders import (EncoderCard, card_from_timm, list_cards, load_card, load_classifier, load_encoder,
+from gmcert.encoders.cards import (EncoderCard, card_from_timm, list_cards, load_card, load_classifier, load_encoder,
                              map_ordered)
 from gmcert.errors import GmcertError, ModelFileError, WeightsUnavailableError
 
@@ -171,7 +171,7 @@ def test_missing_weights_package_names_the_pip_package():
 
 def test_encode_batches_and_reuses_the_cache(tmp_path):
     from gmcert.data import load_dataset
-    from gmcert.encoding import encode, latent_cache_key
+    from gmcert.encoders.encoding import encode, latent_cache_key
 
     torch.manual_seed(0)
     encoder = load_encoder("timm:test_efficientnet", pretrained=False)

@@ -11,7 +11,7 @@ from torch import nn
 from gmcert.data import Resize, load_dataset, resize_images
 from gmcert.errors import ModelFileError
 from gmcert.head import GaussianHead
-from gmcert.mixture import GaussianMixtureClassifier
+from gmcert.latent.mixture import GaussianMixtureClassifier
 from gmcert.pipeline import Pipeline
 
 
@@ -174,7 +174,7 @@ def test_near_boundary_float32_inputs_get_no_wrong_certificate(digits):
 
 def test_certified_pass_hits_the_latent_cache(tmp_path, digits, monkeypatch):
     """`gmcert certify` after `gmcert fit` reuses the certifying pass (latents and error bound)."""
-    from gmcert import rounding
+    from gmcert.encoders import rounding
 
     card = tmp_path / "tiny.toml"
     card.write_text('name = "tiny"\narchitecture = "tf_efficientnet_lite0"\ninput_size = [3, 16, 16]\n'

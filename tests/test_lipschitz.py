@@ -10,11 +10,11 @@ from timm.layers import create_conv2d
 from torch import nn
 
 from gmcert.data import Resize, load_dataset
-from gmcert.encoders import EncoderCard, load_encoder
+from gmcert.encoders.cards import EncoderCard, load_encoder
 from gmcert.errors import DataError
-from gmcert.lipschitz import (LipschitzUnsupportedError, jacobian_norms, layer_bounds, lipschitz_constant,
+from gmcert.encoders.lipschitz import (LipschitzUnsupportedError, jacobian_norms, layer_bounds, lipschitz_constant,
                               spectral_bound)
-from gmcert.projection import PCAProjection
+from gmcert.encoders.projection import PCAProjection
 
 
 def _linear_norm(module, shape, iters=300):

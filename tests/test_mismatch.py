@@ -18,10 +18,10 @@ from scipy.spatial.distance import cdist
 from scipy.special import digamma
 from scipy.stats import kurtosis, multivariate_normal, multivariate_t, skew
 
-from gmcert.entropy import gaussian_entropy, knn_distances, knn_entropy, log_unit_ball_volume
+from gmcert.mismatch.entropy import gaussian_entropy, knn_distances, knn_entropy, log_unit_ball_volume
 from gmcert.errors import DataError
-from gmcert.mismatch import mardia_test, mismatch_report
-from gmcert.mixture import GaussianMixtureClassifier
+from gmcert.mismatch.divergence import mardia_test, mismatch_report
+from gmcert.latent.mixture import GaussianMixtureClassifier
 
 FAST = dict(n_bootstrap=100, n_q_samples=500)
 

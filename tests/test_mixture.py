@@ -8,7 +8,7 @@ from sklearn.discriminant_analysis import LinearDiscriminantAnalysis, QuadraticD
 from sklearn.utils.estimator_checks import check_estimator
 
 from gmcert.errors import DataError
-from gmcert.mixture import GaussianMixtureClassifier, SufficientStatistics, shrunk_covariance
+from gmcert.latent.mixture import GaussianMixtureClassifier, SufficientStatistics, shrunk_covariance
 
 def _data(seed=0, K=3, d=4, n=60, offset=0.0):
     rng = np.random.default_rng(seed)

@@ -6,9 +6,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from gmcert import modelio
+from gmcert.latent import modelio
 from gmcert.errors import ModelFileError
-from gmcert.mixture import GaussianMixtureClassifier
+from gmcert.latent.mixture import GaussianMixtureClassifier
 
 
 def _fitted(labels=(3, 5, 7), **params):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gmcert.data import load_dataset
-from gmcert.mixture import GaussianMixtureClassifier
+from gmcert.latent.mixture import GaussianMixtureClassifier
 from gmcert.pipeline import Pipeline
 
 
@@ -106,7 +106,7 @@ def test_default_pipeline_heldout_accuracy():
     train, test = order[:1350], order[1350:]
     pipeline = Pipeline()  # the embedded default
     Z = pipeline.raw_latents(data.images.numpy())  # encode once, fit and test on slices
-    from gmcert.projection import make_projection
+    from gmcert.encoders.projection import make_projection
 
     pipeline.projection = make_projection("pca", 64)
     pipeline.head.fit(pipeline.projection.fit_transform(Z[train]), data.labels[train])

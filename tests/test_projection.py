@@ -5,7 +5,7 @@ import torch
 from sklearn.decomposition import PCA
 
 from gmcert.errors import DataError, ModelFileError
-from gmcert.projection import (IdentityProjection, PCAProjection, make_projection, projection_from_arrays)
+from gmcert.encoders.projection import (IdentityProjection, PCAProjection, make_projection, projection_from_arrays)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from torch import nn
 from gmcert.data import Resize, load_dataset
 from gmcert.hybrid import (FallbackPolicy, HybridClassifier, certify_hybrid, choose_route_threshold, hybrid_radius,
                            routed_certificate)
-from gmcert.mixture import GaussianMixtureClassifier
+from gmcert.latent.mixture import GaussianMixtureClassifier
 from gmcert.pipeline import Pipeline
 from gmcert.results import ABSTAIN, Certificate
 

@@ -1,4 +1,4 @@
-"""Tests for gmcert.smoothing.
+"""Tests for gmcert.smoothing (the smoother and its sequential certify).
 
 Soundness is tested on a base classifier whose smoothed radius is known exactly: h(x) = 1[x_0 > 0]
 under N(0, sigma^2 I) gives p_1 = Phi(x_0 / sigma), smoothed class 1[x_0 > 0] and true radius
@@ -16,12 +16,12 @@ import pytest
 import torch
 from scipy.special import ndtr, ndtri
 
-from gmcert import sequential, smoothing
+from gmcert.smoothing import sequential, smoother as smoothing
 from gmcert.errors import DataError
 from gmcert.results import ABSTAIN
-from gmcert.smoothing import (HeadPrior, MetaPrior, PilotDraws, Prior, Smoother, UniformPrior,
+from gmcert.smoothing.smoother import (HeadPrior, MetaPrior, PilotDraws, Prior, Smoother, UniformPrior,
                               look_schedule, run_sequential)
-from gmcert.stats import clopper_pearson_lower, clopper_pearson_upper
+from gmcert.smoothing.stats import clopper_pearson_lower, clopper_pearson_upper
 
 ALPHA = 0.05
 N_INPUTS = 10_000

@@ -1,4 +1,4 @@
-"""Tests for gmcert.stats: exact values, edge cases, and coverage by simulation.
+"""Tests for gmcert.smoothing.stats: exact values, edge cases, and coverage by simulation.
 
 Coverage tests follow one pattern: count how often a bound misses the truth over many seeded
 simulations, then ask whether that rate is *provably* above the nominal level (a Clopper-Pearson
@@ -11,7 +11,7 @@ import pytest
 from scipy import special, stats as sps
 
 from gmcert.errors import DataError
-from gmcert import stats
+from gmcert.smoothing import stats
 
 CHECK_LEVEL = 1e-3  # confidence level of the checks on simulated rates
 

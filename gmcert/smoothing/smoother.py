@@ -1,6 +1,6 @@
 """Randomized smoothing of a torch classifier (BRIEF §6-§7): Cohen et al.'s PREDICT and CERTIFY,
 the pilot and the priors that feed sequential certification, and ``Smoother``, which draws the
-noise and drives the pure-numpy sequential engine of ``gmcert.sequential`` (its public names
+noise and drives the pure-numpy sequential engine of ``gmcert.smoothing.sequential`` (its public names
 ``look_schedule``, ``StoppingRules``, ``plan_alpha_weights``, ``run_sequential`` and
 ``STOP_REASONS`` are re-exported here).
 
@@ -20,7 +20,7 @@ settled. Validity rests on three facts, none of which involves the priors or the
    makes the procedure abstain, so selection needs no share of alpha.
 3. The CS covers p_A at every look simultaneously with probability >= 1 - alpha, so stopping at
    any look by any rule keeps P(p_A < p_lower) <= alpha; the two constructions ("spending",
-   "mixture") and why a wrong prior costs samples, never validity: ``gmcert.sequential``.
+   "mixture") and why a wrong prior costs samples, never validity: ``gmcert.smoothing.sequential``.
 If p_lower > 1/2 then c_A is the smoothed prediction and no perturbation of L2 norm below
 sigma * Phi^-1(p_lower) changes it (Cohen et al., Theorem 1).
 """
@@ -32,12 +32,12 @@ import numpy as np
 import torch
 from scipy.special import ndtr, ndtri
 
-from gmcert import stats
+from gmcert.smoothing import stats
 from gmcert.errors import DataError
 from gmcert.results import ABSTAIN, Certificate
-# The sequential engine, re-exported so that ``from gmcert.smoothing import ...`` keeps working.
-from gmcert.sequential import STOP_REASONS, StoppingRules, look_schedule  # noqa: F401
-from gmcert.sequential import plan_alpha_weights, run_sequential
+# The sequential engine, re-exported so that ``from gmcert.smoothing.smoother import ...`` keeps working.
+from gmcert.smoothing.sequential import STOP_REASONS, StoppingRules, look_schedule  # noqa: F401
+from gmcert.smoothing.sequential import plan_alpha_weights, run_sequential
 
 
 # -- priors -------------------------------------------------------------------------------------
@@ -253,11 +253,11 @@ class Smoother:
         the fixed-n certificate that ``radius_tol`` refers to.
         Counting then follows ``run_sequential``: radius mode (``target_radii=None``, radii
         capped at ``max_radius``) or target mode. In radius mode ``final_share`` of alpha is kept
-        for one planned final look (``gmcert.sequential``, fact 4; 0 turns it off). ``ca_tol``
+        for one planned final look (``gmcert.smoothing.sequential``, fact 4; 0 turns it off). ``ca_tol``
         (radius mode, instead of ``radius_tol``): the certified-accuracy gap to fixed-n CERTIFY,
         as a fraction of the batch, to aim for at every radius; each input then gets its own
         radius tolerance, tight where the batch's radii crowd and loose where they are sparse
-        (``gmcert.sequential.ca_tolerances``). With a
+        (``gmcert.smoothing.sequential.ca_tolerances``). With a
         ``budget`` (all model evaluations, pilots included) open inputs are served
         cheapest-to-decide first and those left open end ``undecided``; their radii are still
         valid, only smaller than they could have been.

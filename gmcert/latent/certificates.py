@@ -28,10 +28,10 @@ evaluated with every rounding against us, and ``RADIUS_SHAVE`` comes off the end
 Exactness. ``certify(..., return_exact=True)`` also says, per row, whether the radius is the exact
 one (to within the solver tolerance and the shave): the pair that attains the minimum must have
 been settled by the dual solver, and the radius must not be sensitive to the rounding slack above.
-Near tangency (see :mod:`gmcert.dual`) neither holds, and the radius is a sound lower bound only.
+Near tangency (see :mod:`gmcert.latent.dual`) neither holds, and the radius is a sound lower bound only.
 
 This module holds the geometry and the orchestration (which pairs to solve, for which rows);
-the per-pair solvers (closed form, S-lemma dual, minimiser direction) are in :mod:`gmcert.dual`.
+the per-pair solvers (closed form, S-lemma dual, minimiser direction) are in :mod:`gmcert.latent.dual`.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 # the per-pair solvers; closed_form_radius and solve_dual are re-exported as part of this module's API
-from gmcert.dual import EPS, RADIUS_SHAVE, _optimal_direction, _unit, closed_form_radius, solve_dual
+from gmcert.latent.dual import EPS, RADIUS_SHAVE, _optimal_direction, _unit, closed_form_radius, solve_dual
 
 MARGIN_SLACK = 1e-11  # absolute margin slack per unit of score magnitude (covers matmul rounding)
 # a radius is labelled exact only if the slacks above (margin, eigenvalue shift) move r^2 by less

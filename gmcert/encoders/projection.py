@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gmcert.dual import EPS, RADIUS_SHAVE
+from gmcert.latent.dual import EPS, RADIUS_SHAVE
 from gmcert.errors import DataError, ModelFileError
 
 PROJECTIONS = ("pca", "none")
@@ -129,7 +129,7 @@ class PCAProjection:
         return ProjectionLayer(self.mean_, self.components_, dtype)
 
     def to_arrays(self) -> dict:
-        """Plain arrays for ``gmcert.modelio.save_arrays`` (no pickle)."""
+        """Plain arrays for ``gmcert.latent.modelio.save_arrays`` (no pickle)."""
         _check_fitted(self)
         return {"kind": np.array(self.kind), "mean": self.mean_, "components": self.components_,
                 "explained_variance": self.explained_variance_}

@@ -1,6 +1,6 @@
 """Per-pair latent radii of the mixture certificates (BRIEF §3). Pure numpy, float64.
 
-For a winning component ``j`` and a rival ``l`` (see :mod:`gmcert.certificates` for how the
+For a winning component ``j`` and a rival ``l`` (see :mod:`gmcert.latent.certificates` for how the
 margin ``m``, the vector ``a`` and ``W = P_l - P_j`` arise, and for the shifted margin), the pair
 radius is the distance ``r`` from 0 to ``{delta : m - 2 a^T delta + delta^T W delta <= 0}``.
 :func:`closed_form_radius` bounds it from ``lambda_min(W)`` alone; :func:`solve_dual` solves its

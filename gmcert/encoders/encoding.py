@@ -27,7 +27,7 @@ def default_device() -> torch.device:
 
 
 def describe_encoder(encoder) -> dict:
-    """What identifies an encoder's function: an :class:`~gmcert.encoders.Encoder`'s card and weights
+    """What identifies an encoder's function: an :class:`~gmcert.encoders.cards.Encoder`'s card and weights
     hash, or for any other module its structure and a checksum of its parameters and buffers."""
     if hasattr(encoder, "describe"):
         return encoder.describe()
@@ -63,8 +63,8 @@ def latent_cache_key(encoder, dataset_identity: str, transform: dict | None = No
 
     Parameters
     ----------
-    encoder : gmcert.encoders.Encoder or torch.nn.Module
-        An :class:`~gmcert.encoders.Encoder` contributes ``describe()``; other modules
+    encoder : gmcert.encoders.cards.Encoder or torch.nn.Module
+        An :class:`~gmcert.encoders.cards.Encoder` contributes ``describe()``; other modules
         contribute their class name and parameter checksum.
     dataset_identity : str
         ``ImageDataset.identity``.

@@ -43,7 +43,7 @@ def _cards_dir() -> Path:
     regular install puts under ``<prefix>/share/gmcert/encoders``."""
     if os.environ.get("GMCERT_ENCODERS_DIR"):
         return Path(os.environ["GMCERT_ENCODERS_DIR"])
-    checkout = Path(__file__).resolve().parent.parent / "encoders"
+    checkout = Path(__file__).resolve().parents[2] / "encoders"  # gmcert/encoders/cards.py -> the checkout
     return checkout if checkout.is_dir() else Path(sys.prefix) / "share" / "gmcert" / "encoders"
 
 

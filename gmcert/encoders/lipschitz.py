@@ -20,7 +20,7 @@
              modules raise :class:`LipschitzUnsupportedError`; the traversal replays the module on a
              random input and refuses to answer if the replay differs from ``module(x)``.
 ``estimate`` CLEVER-style (Weng et al. 2018): sampled local Jacobian norms near x, reverse-Weibull
-             fit of batch maxima (:mod:`gmcert.clever`). NOT a certificate.
+             fit of batch maxima (:mod:`gmcert.encoders.clever`). NOT a certificate.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gmcert.clever import clever_estimate, jacobian_norms  # noqa: F401  (re-exported: the estimate kind)
+from gmcert.encoders.clever import clever_estimate, jacobian_norms  # noqa: F401  (re-exported: the estimate kind)
 from gmcert.data import Resize
 from gmcert.errors import DataError, GmcertError
 
@@ -72,8 +72,8 @@ def _timm_types() -> dict:
 
 def _ops(m, name):
     """Flatten ``m`` into ops in forward order; exact type matches only (subclasses may differ)."""
-    from gmcert.encoders import Encoder
-    from gmcert.projection import ProjectionLayer
+    from gmcert.encoders.cards import Encoder
+    from gmcert.encoders.projection import ProjectionLayer
 
     t, tt = type(m), _timm_types()
 
@@ -257,7 +257,7 @@ def _op_bound(op, nxt):
 @dataclass
 class _Group:
     """A factor of the product bound: an op, the BatchNorm folded into it (or None), its bound ``value``;
-    a residual block has its body's groups (value 1 + their product). gmcert.rounding walks these too."""
+    a residual block has its body's groups (value 1 + their product). gmcert.encoders.rounding walks these too."""
     op: _Op
     bn: _Op | None
     value: float

@@ -1,9 +1,9 @@
 """Anytime-valid sequential certification engine (BRIEF §7), pure numpy, no torch: the look
 schedule, the stopping rules, the alpha-spending plan, and ``run_sequential``, which counts hits
-of many inputs at once with budget triage. ``gmcert.smoothing.Smoother`` supplies the draws.
+of many inputs at once with budget triage. ``gmcert.smoothing.smoother.Smoother`` supplies the draws.
 
 The engine asks one thing of its caller: given whatever chose each input's class c_A and prior,
-the counted draws are i.i.d. Bernoulli(p_A), p_A = p_{c_A} (``gmcert.smoothing``, facts 1-2).
+the counted draws are i.i.d. Bernoulli(p_A), p_A = p_{c_A} (``gmcert.smoothing.smoother``, facts 1-2).
 Then, with priors and stopping rules deciding cost only, never validity:
 
 3. The confidence sequence (CS) covers p_A at every look simultaneously with probability
@@ -35,7 +35,7 @@ import math
 import numpy as np
 from scipy.special import ndtr, ndtri
 
-from gmcert import stats
+from gmcert.smoothing import stats
 from gmcert.errors import DataError
 
 #: stop_reason values; "" (index 0) marks an input still being counted.

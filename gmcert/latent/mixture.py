@@ -1,6 +1,6 @@
 """The latent Gaussian-mixture classifier (BRIEF §2): covariance structures with shrinkage,
 class scores and certificates. The streaming statistics and the shrinkage formulas live in
-:mod:`gmcert.moments` (re-exported here); the certificate maths in :mod:`gmcert.certificates`.
+:mod:`gmcert.latent.moments` (re-exported here); the certificate maths in :mod:`gmcert.latent.certificates`.
 
 Covariances are maximum-likelihood (divide by n), as in scikit-learn's GaussianMixture, LDA and
 QDA (checked against scikit-learn 1.9). Regularisation, in order: shrinkage of the full per-class (``tied``: pooled
@@ -17,9 +17,9 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from gmcert import certificates
 from gmcert.errors import DataError
-from gmcert.moments import SufficientStatistics, label_indices, shrunk_covariance
+from gmcert.latent import certificates
+from gmcert.latent.moments import SufficientStatistics, label_indices, shrunk_covariance
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 SHRINKAGE_METHODS = ("ledoit_wolf", "oas")
@@ -292,7 +292,7 @@ class GaussianMixtureClassifier(ClassifierMixin, BaseEstimator):
         return scores / 2 - np.log(self.priors_) - d / 2 * np.log(2 * np.pi)
 
     def certify(self, Z, method="exact", return_direction=False, n_jobs=None, return_exact=False):
-        """Predicted labels and certified latent L2 radii (see :func:`gmcert.certificates.certify`,
+        """Predicted labels and certified latent L2 radii (see :func:`gmcert.latent.certificates.certify`,
         which also documents ``return_direction``, ``n_jobs`` and ``return_exact``).
 
         Returns ``(labels (n,), radius (n,) float64)``, plus unit directions ``(n, d)`` with
@@ -319,8 +319,8 @@ class GaussianMixtureClassifier(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------- model files
     def save(self, path):
-        """Write the fitted model to ``path`` (.npz + JSON metadata, no pickle; see gmcert.modelio)."""
-        from gmcert import modelio
+        """Write the fitted model to ``path`` (.npz + JSON metadata, no pickle; see gmcert.latent.modelio)."""
+        from gmcert.latent import modelio
 
         check_is_fitted(self, "component_precisions_")
         modelio.save_classifier(self, path)
@@ -328,6 +328,6 @@ class GaussianMixtureClassifier(ClassifierMixin, BaseEstimator):
     @classmethod
     def load(cls, path):
         """Read a model written by :meth:`save`; ModelFileError names what is wrong otherwise."""
-        from gmcert import modelio
+        from gmcert.latent import modelio
 
         return modelio.load_classifier(cls, path)

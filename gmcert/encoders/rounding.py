@@ -6,7 +6,7 @@ real arithmetic on the module's stored parameters. A forward pass computes some 
 ``err >= ||z - f(x)||_2``; subtracting ``err`` from the latent radius makes the certificate hold for f.
 
 The argument is running error analysis (Higham 2002, ch. 3). Split the network into the groups whose
-Lipschitz bounds L_i :mod:`gmcert.lipschitz` multiplies (a conv or linear map with its BatchNorm
+Lipschitz bounds L_i :mod:`gmcert.encoders.lipschitz` multiplies (a conv or linear map with its BatchNorm
 folded in, an activation, a pool, a resize, a residual block). With y_i exact and y^_i computed,
 
     ||y^_i - y_i|| <= ||g^_i(y^_{i-1}) - g_i(y^_{i-1})|| + ||g_i(y^_{i-1}) - g_i(y_{i-1})||
@@ -58,8 +58,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gmcert.errors import DataError
-from gmcert.lipschitz import LipschitzUnsupportedError, _bn_scale, _groups, _traced_ops
-from gmcert.projection import ProjectionLayer
+from gmcert.encoders.lipschitz import LipschitzUnsupportedError, _bn_scale, _groups, _traced_ops
+from gmcert.encoders.projection import ProjectionLayer
 
 DTYPES = (torch.float64, torch.float32)
 _INFLATE = 1.0 + 1e-6
@@ -153,7 +153,7 @@ def _interpolate(x, terms, key):
 
 
 class _Step:
-    """One group of :func:`gmcert.lipschitz._groups` with what its local rounding bound needs."""
+    """One group of :func:`gmcert.encoders.lipschitz._groups` with what its local rounding bound needs."""
 
     def __init__(self, group, u, dtype):
         self.group, self.op, self.L = group, group.op, group.value
@@ -324,7 +324,7 @@ class ForwardErrorBound:
     Parameters
     ----------
     module : torch.nn.Module
-        In eval mode; any module :mod:`gmcert.lipschitz` bounds (encoders, projections, ...). It is
+        In eval mode; any module :mod:`gmcert.encoders.lipschitz` bounds (encoders, projections, ...). It is
         copied; the caller's module is never converted.
     input_shape : tuple
         Shape of one input: ``(C, H, W)`` pixels before the encoder's resize, or ``(d,)`` for a
@@ -336,9 +336,9 @@ class ForwardErrorBound:
     Attributes
     ----------
     lipschitz : float
-        Sound Lipschitz bound of the module, equal to :func:`gmcert.lipschitz.spectral_bound`.
+        Sound Lipschitz bound of the module, equal to :func:`gmcert.encoders.lipschitz.spectral_bound`.
     layers : list of (str, float)
-        Per-layer bounds, as :func:`gmcert.lipschitz.layer_bounds`.
+        Per-layer bounds, as :func:`gmcert.encoders.lipschitz.layer_bounds`.
     unit_roundoff : float
 
     Raises

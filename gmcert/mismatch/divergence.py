@@ -16,12 +16,12 @@ so eps weights the per-class divergences by the class proportions and adds the d
 label marginals, which vanishes when the fitted priors equal the data's class frequencies.
 Per class, KL(P_k || N_k) = -h(P_k) - E_{P_k} log N_k(z): the second term is a sample mean of the
 model's ``class_log_likelihood``, the entropy h a Kozachenko–Leonenko k-NN estimate
-(:mod:`gmcert.entropy`).
+(:mod:`gmcert.mismatch.entropy`).
 
 Read the numbers with care. k-NN entropy estimators are biased, and badly so in high dimension
 (d beyond about 10): estimate eps on a projected latent (e.g. PCA to a few dimensions). The bias
 is reduced by whitening and by a reference correction (the estimator's bias measured on samples
-of a density fitted to the class, see :mod:`gmcert.entropy`), which removes most of it in the
+of a density fitted to the class, see :mod:`gmcert.mismatch.entropy`), which removes most of it in the
 tested cases (d <= 8) but is not a guarantee. The bootstrap resamples the per-point terms; it
 reflects sampling noise, not residual bias, so the upper end of eps's interval is a plausible
 upper value, not a certified one (coverage was 95-100% on Gaussian data, d = 4, n_k = 2000). On
@@ -40,9 +40,9 @@ from scipy.stats import chi2, norm
 from tqdm.auto import tqdm
 
 from gmcert.atomic import save_figure
-from gmcert.entropy import covariance_rank, knn_entropy_terms, reference_bias_terms
+from gmcert.mismatch.entropy import covariance_rank, knn_entropy_terms, reference_bias_terms
 from gmcert.errors import DataError
-from gmcert.stats import hoeffding_interval
+from gmcert.smoothing.stats import hoeffding_interval
 
 #: Above this dimension k-NN entropy estimates are known to be badly biased.
 HIGH_DIMENSION = 10
@@ -376,7 +376,7 @@ def mismatch_report(model, Z, y, k: int = 10, n_bootstrap: int = 1000, n_q_sampl
     bias_correction : {"mixture_reference", "gaussian_reference", "none"}, default "mixture_reference"
         Subtract the k-NN estimator's bias measured on samples of a density fitted to each class
         (a Gaussian mixture of 1-4 components chosen by BIC, or one Gaussian; see
-        :func:`gmcert.entropy.reference_bias_terms`). A parametric-bootstrap correction: it removes
+        :func:`gmcert.mismatch.entropy.reference_bias_terms`). A parametric-bootstrap correction: it removes
         most of the bias when the reference resembles the class, nothing guarantees it otherwise.
         The reference's own noise is resampled in the bootstrap.
     random_state : int, Generator or None

@@ -148,7 +148,7 @@ _STATISTICS_ARRAYS = ("count", "reference", "sum", "outer", "cubic", "quartic")
 
 
 def save_classifier(clf, path):
-    """Write a fitted :class:`~gmcert.mixture.GaussianMixtureClassifier` (see its ``save``)."""
+    """Write a fitted :class:`~gmcert.latent.mixture.GaussianMixtureClassifier` (see its ``save``)."""
     params = clf.get_params()
     if params["priors"] is not None:
         params["priors"] = np.asarray(params["priors"], dtype=float).tolist()
@@ -174,7 +174,7 @@ def save_classifier(clf, path):
 
 def load_classifier(cls, path):
     """Read a classifier written by :func:`save_classifier` into a new instance of ``cls``."""
-    from gmcert.mixture import SufficientStatistics
+    from gmcert.latent.moments import SufficientStatistics
 
     meta, arrays = load_arrays(path, MODEL_FORMAT)
     if meta.get("estimator") != cls.__name__:
