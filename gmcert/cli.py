@@ -228,7 +228,10 @@ def cmd_certify(args) -> int:
     if len(todo) < len(index):
         print(f"resuming: {len(index) - len(todo)} of {len(index)} inputs already in {writer.partial}", file=sys.stderr)
     part = inputs.subset(todo)
-    with tqdm(total=len(todo), desc="certify", unit="input", disable=len(todo) < 2) as bar:
+    # one bar per running job: the closed form shows its encoder pass's bar; rows that arrive one by
+    # one (smoothing) show this one; neither for a moment's work
+    with tqdm(total=len(todo), desc="certify", unit="input", disable=len(todo) < 2 or args.fallback == "none",
+              delay=2) as bar:
         for i, label, cert in zip(index[todo], part.labels, _certify(args, pipeline, part, index[todo])):
             writer.write(certificate_row(i, label, cert))
             bar.update(1)

@@ -248,18 +248,25 @@ class Pipeline:
             cached = read_cached(path, len(X), ("latents", "error")) if path.is_file() else None
             if cached is not None:
                 return cached
-        raw, err = bound(X, batch_size=self.batch_size, device=self.device)
+        from tqdm.auto import tqdm
+
+        chunks = [bound(X[i:i + 4 * self.batch_size], batch_size=self.batch_size, device=self.device)
+                  for i in tqdm(range(0, len(X), 4 * self.batch_size), desc="certifying pass", unit="chunk",
+                                leave=False, delay=2)]
+        if not chunks:
+            raise DataError("no inputs to certify")
+        raw, err = np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
         if path is not None:
             write_cached(path, key, latents=raw, error=err)
         return raw, err
 
     def _estimate_lipschitz(self, x) -> float:
         """CLEVER-style local estimate at one input: NOT sound (kind ``estimate``)."""
-        from gmcert.encoders.lipschitz import lipschitz_constant
-
         import torch
 
-        # The Jacobian of projection after encoder: PCA drops directions the head never sees.
+        from gmcert.encoders.lipschitz import lipschitz_constant
+
+        # the Jacobian of projection after encoder: PCA drops directions the head never sees
         module = torch.nn.Sequential(self.encoder, self.projection.to_torch()).eval()
         return float(lipschitz_constant(module, "estimate", x=x, n_batches=6, batch_size=4, iterations=4)[0])
 
