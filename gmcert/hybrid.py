@@ -194,6 +194,11 @@ def iter_certify_hybrid(pipeline, X, policy: FallbackPolicy, method: str = "exac
         yield routed_certificate(policy, classes, closed, smooth)
 
 
+def band_answers(closed, g_prediction) -> bool:
+    """In the band, h answers only where the exact f is sure of its class (lo > 0) and g agrees."""
+    return g_prediction == closed.prediction and closed.radius > 0
+
+
 def routed_certificate(policy, classes, closed, smooth=None) -> Certificate:
     """h's Certificate from f's closed-form one and, off the closed-form route, g's (module docstring)."""
     route = policy.route(closed)
@@ -206,7 +211,7 @@ def routed_certificate(policy, classes, closed, smooth=None) -> Certificate:
                            closed.stop_reason, closed.latent_radius, closed.time,
                            {**closed.extra, "route": route, "route_threshold": tau})
     prediction, radius = smooth.prediction, hybrid_radius(policy, classes, closed, smooth)
-    if route == "band" and not (prediction == closed.prediction and closed.radius > 0):
+    if route == "band" and not band_answers(closed, prediction):
         prediction, radius = ABSTAIN, 0.0  # h abstains where it cannot tell its route
     elif route == "band":
         radius = max(radius, min(smooth.radius, closed.radius))  # f and g both say c within the latter
@@ -263,8 +268,7 @@ class HybridClassifier:
 
             g = self.pipeline.label_smoothed(smoother.predict(torch.as_tensor(np.asarray(X[i]), dtype=torch.float32),
                                                               n=self.policy.predict_n, alpha=self.policy.alpha))
-            agree = g.prediction == closed.prediction and closed.radius > 0
-            out[i] = g.prediction if route == "smoothing" or agree else ABSTAIN
+            out[i] = g.prediction if route == "smoothing" or band_answers(closed, g.prediction) else ABSTAIN
         return out
 
     def certify(self, X, **kwargs):

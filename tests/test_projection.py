@@ -24,7 +24,8 @@ def test_pca_matches_sklearn_with_orthonormal_rows(latents):
     assert np.allclose(pca.transform(latents), ref.transform(latents) * signs, atol=1e-9)
     assert pca.transform(latents).dtype == np.float64
     # a sound upper bound on the rows' spectral norm: 1 up to rounding, never below it
-    assert 1.0 <= pca.lipschitz_constant() <= 1.0 + 1e-12 and pca.is_isometry()
+    L = pca.lipschitz_constant()
+    assert L >= 1.0 and L <= 1.0 + 1e-12 and pca.is_isometry()
 
 
 def test_torch_module_and_arrays_round_trip(latents):
