@@ -218,6 +218,11 @@ ARGUMENT_RULES = {
     "calibrate": (lambda v: v >= 0, "an integer >= 0"),
     "mismatch_threshold": (lambda v: math.isfinite(v), "a finite number"),
     "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    "epochs": _POSITIVE, "input_size": _POSITIVE, "copies": _POSITIVE, "head_copies": _POSITIVE,
+    "lr": (lambda v: 0 < v < math.inf, "a positive number"),
+    "shape_weight": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    "consistency_weight": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    "crt_weight": (lambda v: 0 <= v <= 1, "in [0, 1]"),
 }
 
 

@@ -80,6 +80,9 @@ class Pipeline:
         self.metadata = {}
         self._saved_description = None  # what a loaded model's encoder must still be
         self._error_bounds = {}  # input shape -> ForwardErrorBound (layer norms computed once)
+        #: files that travel inside the model directory (a trained encoder's card and weights):
+        #: name there -> current path; the card is the first
+        self.bundled_files = {}
 
     # -- latents ---------------------------------------------------------------------------
     @property
@@ -364,6 +367,10 @@ class Pipeline:
                                 "as an encoder card (a .toml path) so that it can be rebuilt and checked")
             if self.encoder_name not in LINEAR_ENCODERS:
                 meta["encoder_description"] = self.encoder_description()
+            if self.bundled_files:  # the card's weights path is relative to the card: both move together
+                for name, source in self.bundled_files.items():
+                    shutil.copyfile(source, tmp / name)
+                meta.update(encoder=next(iter(self.bundled_files)), bundled_files=list(self.bundled_files))
             (tmp / "pipeline.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
             self.head.save(tmp / "head.npz")
             save_arrays(tmp / "projection.npz", {"format": "gmcert-projection", "format_version": 1},
@@ -394,18 +401,24 @@ class Pipeline:
         if int(meta.get("format_version", 0)) > FORMAT_VERSION:
             raise ModelFileError(meta_path, "newer_version",
                                  f"version {meta['format_version']} > supported {FORMAT_VERSION}; upgrade gmcert")
-        pipeline = cls(encoder=meta["encoder"], projection=meta["projection"], n_components=meta["n_components"],
+        bundled = {str(name): path / str(name) for name in meta.get("bundled_files", [])}
+        for name, where in bundled.items():
+            if Path(name).name != name or not where.is_file():
+                raise ModelFileError(where, "missing" if Path(name).name == name else "corrupt",
+                                     "a file of the model's bundled encoder")
+        pipeline = cls(encoder=str(bundled[meta["encoder"]]) if bundled else meta["encoder"], projection=meta["projection"], n_components=meta["n_components"],
                        head=GaussianMixtureClassifier.load(path / "head.npz"), pretrained=meta["pretrained"],
                        batch_size=meta.get("batch_size", 64), device=device, cache_dir=cache_dir)
         _, arrays = load_arrays(path / "projection.npz", "gmcert-projection", max_version=1)
         pipeline.projection = projection_from_arrays(arrays)
         pipeline.input_shape_ = tuple(meta["input_shape"])
+        pipeline.bundled_files = bundled
         # The saved constants are a record, never trusted: a model file may come from someone else,
         # so they are recomputed from the rebuilt encoder (which must match its saved description).
         pipeline._saved_description = meta.get("encoder_description")
         if meta["encoder"] not in LINEAR_ENCODERS and pipeline._saved_description is None:
             raise ModelFileError(meta_path, "corrupt", "no encoder_description: cannot check the encoder")
         known = {"format", "format_version", "encoder", "pretrained", "projection", "n_components",
-                 "input_shape", "lipschitz", "batch_size", "encoder_description"}
+                 "input_shape", "lipschitz", "batch_size", "encoder_description", "bundled_files"}
         pipeline.metadata = {k: v for k, v in meta.items() if k not in known}
         return pipeline

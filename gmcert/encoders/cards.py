@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from gmcert.data import INTERPOLATIONS, Resize
+from gmcert.encoders import small  # noqa: F401  (registers gmcert's own architectures with timm)
 from gmcert.errors import DataError, GmcertError, ModelFileError, WeightsUnavailableError
 
 def _cards_dir() -> Path:
@@ -321,7 +322,8 @@ def _build(card: EncoderCard, pretrained: bool):
         # (its description, and so its Lipschitz constant, stays true across loads).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return timm.create_model(card.architecture, pretrained=False, num_classes=card.num_classes), RANDOM_INIT
+            return timm.create_model(card.architecture, pretrained=False, num_classes=card.num_classes,
+                                     in_chans=card.input_size[0]), RANDOM_INIT
     source = card.weights["source"]
     if source == "timm":
         path = _timm_weights_file(card)
@@ -337,7 +339,8 @@ def _build(card: EncoderCard, pretrained: bool):
     expected = card.weights.get("sha256")
     if digest is not None and expected and digest != expected:
         raise ModelFileError(path, "foreign", f"sha256 {digest[:16]}... differs from the card's {expected[:16]}...")
-    net = timm.create_model(card.architecture, pretrained=False, num_classes=card.num_classes)
+    net = timm.create_model(card.architecture, pretrained=False, num_classes=card.num_classes,
+                            in_chans=card.input_size[0])
     state = _read_state_dict(path)
     if card.weights.get("mapping", "names") == "ordered":
         state = map_ordered(state, net.state_dict(), path)

@@ -74,6 +74,7 @@ def _ops(m, name):
     """Flatten ``m`` into ops in forward order; exact type matches only (subclasses may differ)."""
     from gmcert.encoders.cards import Encoder
     from gmcert.encoders.projection import ProjectionLayer
+    from gmcert.encoders.small import SmallCNN
 
     t, tt = type(m), _timm_types()
 
@@ -84,6 +85,8 @@ def _ops(m, name):
         return sub("resize") + [_Op("normalize", f"{name}.normalize", m)] + sub("network")
     if t is nn.Sequential:
         return [o for n, c in m.named_children() for o in _ops(c, f"{name}.{n}")]
+    if t is SmallCNN:
+        return sub("features", "pool", "flatten", "classifier")
     if t is tt["EfficientNet"]:
         return sub("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool", "classifier")
     blocks = {tt["ConvBnAct"]: ("conv", "bn1", "aa"),

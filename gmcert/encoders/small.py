@@ -1,0 +1,73 @@
+"""gmcert's own small convolutional encoders, registered with timm so that cards and
+``timm.create_model`` build them like any other architecture.
+
+They exist for what a 2-core CPU can train in minutes: noise-robust bases on 8 to 32 px images
+(``gmcert train``) and tests. Every layer is one that :mod:`gmcert.encoders.lipschitz` and
+:mod:`gmcert.encoders.rounding` bound soundly (3x3 convs, BatchNorm, ReLU, global average pool,
+linear), so closed-form certificates cover them too. They follow timm's model API
+(``num_features``, ``forward_features``, ``forward_head``, ``get_classifier``, ``reset_classifier``).
+"""
+from __future__ import annotations
+
+from timm.models import register_model
+from torch import nn
+
+#: name -> channels of the three conv stages (the third stage's width is the latent dimension).
+WIDTHS = {"gmcert_cnn": (32, 64, 128), "gmcert_cnn_tiny": (8, 16, 32)}
+
+
+class SmallCNN(nn.Module):
+    """Three conv-BN-ReLU stages (the last two strided by 2), global average pool, linear classifier."""
+
+    def __init__(self, widths=(32, 64, 128), in_chans: int = 3, num_classes: int = 1000):
+        super().__init__()
+        layers, previous = [], int(in_chans)
+        for i, width in enumerate(widths):
+            layers += [nn.Conv2d(previous, width, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU()]
+            previous = width
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.num_features = int(previous)
+        self.num_classes = int(num_classes)
+        self.classifier = nn.Linear(previous, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x):
+        return self.features(x)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        x = self.flatten(self.pool(x))
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self):
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int, *args, **kwargs):
+        self.num_classes = int(num_classes)
+        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def _create(name, pretrained=False, in_chans=3, num_classes=1000, **_timm_kwargs):
+    if pretrained:
+        raise ValueError(f"{name} has no pretrained weights: train it with `gmcert train`")
+    model = SmallCNN(WIDTHS[name], in_chans=in_chans, num_classes=num_classes)
+    model.pretrained_cfg = model.default_cfg = {
+        "architecture": name, "tag": "", "input_size": (in_chans, 8, 8), "mean": (0.5,) * in_chans,
+        "std": (0.5,) * in_chans, "interpolation": "bilinear", "num_classes": num_classes}
+    return model
+
+
+@register_model
+def gmcert_cnn(pretrained=False, **kwargs):
+    """32-64-128 channels, about 93k parameters."""
+    return _create("gmcert_cnn", pretrained, **kwargs)
+
+
+@register_model
+def gmcert_cnn_tiny(pretrained=False, **kwargs):
+    """8-16-32 channels, about 6k parameters (tests)."""
+    return _create("gmcert_cnn_tiny", pretrained, **kwargs)

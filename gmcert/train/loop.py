@@ -1,0 +1,205 @@
+"""The training loop: seeded epochs, one atomic checkpoint per epoch, exact resume.
+
+Every epoch draws its batch order and its noise from generators seeded by (seed, epoch), and the
+learning rate is a function of the epoch (cosine decay), so an epoch's work depends only on the
+weights and optimizer state it starts from. A checkpoint holds exactly those, so a run killed at
+any moment and rerun ends with the weights an uninterrupted run gives (on CPU, where kernels are
+deterministic).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gmcert.errors import DataError
+from gmcert.train.losses import METHODS, add_noise, consistency_loss, crt_loss, gaussian_loss, shaping_penalty
+
+
+@dataclass
+class TrainConfig:
+    """What ``gmcert train`` does; every field is part of the checkpoint's identity.
+
+    ``copies``, ``consistency_weight`` and ``entropy_weight`` are Jeong and Shin's m, lambda and eta;
+    ``crt_weight`` is CRT's w; ``head_copies`` noisy copies per training image feed the final
+    Gaussian-mixture head.
+    """
+
+    method: str = "gaussian"
+    sigma: float = 0.25
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    copies: int = 2
+    consistency_weight: float = 10.0
+    entropy_weight: float = 0.5
+    crt_weight: float = 1.0
+    shape_latents: bool = False
+    shape_weight: float = 1.0
+    head_copies: int = 4
+    seed: int = 0
+    amp: bool = False
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise DataError(f"unknown training method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if not (math.isfinite(self.sigma) and self.sigma > 0):
+            raise DataError(f"sigma must be a positive number (the noise to train and certify with), got {self.sigma}")
+        for name in ("epochs", "batch_size", "copies", "head_copies"):
+            if int(getattr(self, name)) < 1:
+                raise DataError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.method == "consistency" and self.copies < 2:
+            raise DataError("consistency training needs copies >= 2 (noisy copies per input)")
+        for name in ("lr", "weight_decay", "consistency_weight", "entropy_weight", "shape_weight"):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and value >= 0) or (name == "lr" and value == 0):
+                raise DataError(f"{name} must be a finite number >= 0 (lr > 0), got {value}")
+        if not 0 <= self.crt_weight <= 1:
+            raise DataError(f"crt_weight must be in [0, 1], got {self.crt_weight}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def features_and_logits(student, x):
+    """The student's pooled latents and logits (timm's ``forward_features`` / ``forward_head``)."""
+    net = student.network
+    h = net.forward_head(net.forward_features((student.resize(x) - student.mean) / student.std), pre_logits=True)
+    return h, net.get_classifier()(h)
+
+
+def _generator(device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def epoch_lr(config: TrainConfig, epoch: int) -> float:
+    """Cosine decay from ``lr`` to 0 over the run."""
+    return 0.5 * config.lr * (1 + math.cos(math.pi * epoch / config.epochs))
+
+
+def _batch_loss(student, teacher, x, y, config, generator, counts):
+    """The method's loss on one batch, and the student/teacher sample passes it costs."""
+    if config.method == "consistency":
+        noisy = torch.cat([add_noise(x, config.sigma, generator) for _ in range(config.copies)])
+        h, logits = features_and_logits(student, noisy)
+        loss = consistency_loss(logits.view(config.copies, len(x), -1), y, config.consistency_weight,
+                                config.entropy_weight)
+        labels = y.repeat(config.copies)
+    else:
+        noisy = add_noise(x, config.sigma, generator)
+        h, logits = features_and_logits(student, noisy)
+        labels = y
+        if config.method == "gaussian":
+            loss = gaussian_loss(logits, y)
+        else:
+            with torch.no_grad():
+                target = teacher(noisy)
+            counts["teacher_forward"] += len(noisy)
+            loss = crt_loss(logits, target, y, config.crt_weight)
+    counts["student_forward_backward"] += len(noisy)
+    if config.shape_latents:
+        loss = loss + config.shape_weight * shaping_penalty(h.float(), labels)
+    return loss
+
+
+def evaluate(student, images, labels, sigma: float, seed: int, batch_size: int = 256) -> tuple[float, float]:
+    """(clean accuracy, accuracy under one draw of N(0, sigma^2) noise) of the student's logits."""
+    if len(images) == 0:
+        return float("nan"), float("nan")
+    device = next(student.parameters()).device
+    generator, clean, noisy = _generator(device, seed), 0, 0
+    student.eval()
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size].to(device)
+            y = labels[start:start + batch_size].to(device)
+            clean += int((student(x).argmax(1) == y).sum())
+            noisy += int((student(add_noise(x, sigma, generator)).argmax(1) == y).sum())
+    return clean / len(images), noisy / len(images)
+
+
+def train_network(student, images, labels, config: TrainConfig, teacher=None, checkpoint=None, held_out=None,
+                  identity: dict | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Train ``student`` in place; returns the record (history per epoch and compute counts).
+
+    Parameters
+    ----------
+    student : gmcert.encoders.cards.Encoder
+        Pixels -> logits over ``K`` classes, on the device to train on.
+    images, labels : torch.Tensor
+        ``(N, C, H, W)`` pixels in [0, 1] and ``(N,)`` class indices 0..K-1.
+    teacher : torch.nn.Module, optional
+        Frozen, for ``crt`` (see :func:`gmcert.train.teacher.load_teacher`).
+    checkpoint : path, optional
+        Written atomically after every epoch; resumed from when it exists and belongs to this run.
+    held_out : (images, labels), optional
+        Clean and noisy accuracy per epoch are measured there (and plotted); never trained on.
+    identity : dict, optional
+        What else the checkpoint must match (data, encoder) to be resumed.
+    stop_after : int, optional
+        Stop after this many epochs of this call (tests simulate a kill with it).
+    """
+    from gmcert.train.checkpoint import load_checkpoint, save_checkpoint
+
+    if config.method == "crt" and teacher is None:
+        raise DataError("crt needs a teacher (--teacher MODEL): a gmcert model or torch classifier")
+    device = next(student.parameters()).device
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    run = {"config": config.as_dict(), "identity": identity or {}}
+    record = {**run, "epochs_done": 0, "history": [],
+              "compute": {"student_forward_backward": 0, "teacher_forward": 0, "seconds": 0.0}}
+    if checkpoint is not None and checkpoint.is_file():
+        saved = load_checkpoint(checkpoint, student, optimizer)
+        if {k: saved.get(k) for k in run} != run:
+            raise DataError(f"{checkpoint} belongs to another run (other data, encoder or settings); delete it "
+                            "or rerun with the arguments it was started with")
+        record = saved
+    held_out = held_out or (images[:0], labels[:0])
+    use_amp = config.amp and device.type == "cuda"
+    done_here = 0
+    bar = tqdm(total=config.epochs, initial=record["epochs_done"], desc=f"train {config.method}", unit="epoch",
+               disable=not progress, leave=False)
+    while record["epochs_done"] < config.epochs and (stop_after is None or done_here < stop_after):
+        epoch = record["epochs_done"]
+        start, counts = time.perf_counter(), {"student_forward_backward": 0, "teacher_forward": 0}
+        torch.manual_seed(config.seed * 1_000_003 + epoch)  # dropout and anything else on the global stream
+        generator = _generator(device, config.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed * 7919 + epoch))
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_lr(config, epoch)
+        student.train()
+        total, batches = 0.0, 0
+        for begin in range(0, len(images), config.batch_size):
+            index = order[begin:begin + config.batch_size]
+            if len(index) < 2 and begin > 0:
+                break  # BatchNorm needs two samples; the remainder is at most one image
+            x, y = images[index].to(device), labels[index].to(device)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+                loss = _batch_loss(student, teacher, x, y, config, generator, counts)
+            if not torch.isfinite(loss):
+                raise DataError(f"the training loss became {float(loss)} at epoch {epoch + 1}: lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, batches = total + float(loss.detach()), batches + 1
+        seconds = time.perf_counter() - start
+        clean, noisy = evaluate(student, *held_out, config.sigma, seed=config.seed + 10_000 * (epoch + 1))
+        record["history"].append({"epoch": epoch + 1, "loss": total / max(batches, 1), "clean_accuracy": clean,
+                                  "noisy_accuracy": noisy, "seconds": seconds, **counts})
+        for key in counts:
+            record["compute"][key] += counts[key]
+        record["compute"]["seconds"] += seconds
+        record["epochs_done"] = epoch + 1
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, student, optimizer, record)
+        done_here += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{total / max(batches, 1):.3f}", noisy_acc=f"{noisy:.3f}")
+    bar.close()
+    student.eval()
+    return record

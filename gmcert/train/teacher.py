@@ -1,0 +1,75 @@
+"""Teachers for certified robustness transfer: a saved gmcert model or a torch classifier.
+
+The teacher must map the student's pixels to logits over the same classes. A gmcert model trained
+by ``gmcert train`` teaches with its network's own classifier logits (what CRT distils); any other
+gmcert model teaches with its Gaussian-mixture head's log joint densities, s_k(z) / 2 (their
+softmax is the head's posterior).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from gmcert.errors import DataError
+
+
+class _HalfScores(nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x) / 2
+
+
+def load_teacher(teacher, classes, input_shape, device) -> nn.Module:
+    """The frozen teacher (eval mode, no gradients) on ``device``.
+
+    Parameters
+    ----------
+    teacher : path or torch.nn.Module
+        A gmcert model directory, or a module mapping ``(N, *input_shape)`` pixels to ``(N, K)`` logits
+        indexed like ``classes``.
+    classes : array
+        The training labels' sorted class values.
+    input_shape : tuple
+        ``(C, H, W)`` of the training images.
+    """
+    classes = np.asarray(classes)
+    if isinstance(teacher, (str, Path)):
+        from gmcert.inputs import load_model
+
+        pipeline = load_model(teacher, device=device)
+        where = f"teacher {teacher}"
+        if not np.array_equal(np.asarray(pipeline.head.classes_), classes):
+            raise DataError(f"{where} has classes {np.asarray(pipeline.head.classes_).tolist()}, the training "
+                            f"data has {classes.tolist()}")
+        if tuple(pipeline.input_shape_) != tuple(input_shape):
+            raise DataError(f"{where} takes inputs of shape {tuple(pipeline.input_shape_)}, the training data has "
+                            f"{tuple(input_shape)}")
+        if "train" in pipeline.metadata and pipeline.bundled_files:
+            from gmcert.encoders.cards import load_classifier
+
+            module = load_classifier(pipeline.encoder_name, pretrained=True)
+        else:
+            module = _HalfScores(pipeline.torch_module())
+    elif isinstance(teacher, nn.Module):
+        module, where = teacher, f"teacher {type(teacher).__name__}"
+    else:
+        raise DataError(f"a teacher must be a gmcert model directory or a torch module, got {type(teacher).__name__}")
+    module = module.to(device).eval()
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros((1, *input_shape), device=device))
+    except (RuntimeError, ValueError, DataError) as err:
+        raise DataError(f"{where} cannot take inputs of shape {tuple(input_shape)}: "
+                        f"{str(err).splitlines()[0]}") from None
+    if tuple(out.shape) != (1, len(classes)):
+        raise DataError(f"{where} gives outputs of shape {tuple(out.shape[1:])}, not logits over the training "
+                        f"data's {len(classes)} classes")
+    return module

@@ -1,0 +1,147 @@
+"""``gmcert train``: data and encoder in, a normal gmcert model directory out.
+
+The trained network (a timm architecture with a classifier over the data's classes) is saved as
+safetensors with an encoder card beside it; the Gaussian-mixture head is then refitted in closed
+form on the encoder's latents of noisy training images, so the directory is an ordinary model
+that ``certify``, ``compare`` and ``diagnose`` read unchanged. Checkpoints live in ``<out>.train/``
+until the model directory is written, atomically, at the end.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gmcert.atomic import check_folder_target
+from gmcert.errors import DataError
+from gmcert.train.loop import TrainConfig, evaluate, train_network
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def _toml(card: dict, weights: dict) -> str:
+    """An encoder card; JSON's strings and arrays of numbers are valid TOML."""
+    lines = ["# Written by `gmcert train`: the trained network, loaded with its weights beside it."]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in card.items() if k not in ("weights", "path")]
+    lines += ["", "[weights]"] + [f"{k} = {json.dumps(v)}" for k, v in weights.items()]
+    return "\n".join(lines) + "\n"
+
+
+def build_student(encoder: str, n_classes: int, input_size=None, pretrained=None, device=None):
+    """The base card's network with a new ``n_classes`` classifier, as an Encoder (pixels -> logits)."""
+    from gmcert.encoders.cards import Encoder, _build, load_card
+
+    card = load_card(encoder)
+    if input_size is not None:
+        if int(input_size) < 1:
+            raise DataError(f"--input-size must be a positive number of pixels, got {input_size}")
+        card = replace(card, input_size=(card.input_size[0], int(input_size), int(input_size)))
+    if pretrained is None:
+        pretrained = card.weights.get("source") != "none"
+    network, digest = _build(card, pretrained)
+    network.reset_classifier(n_classes)
+    card = replace(card, num_classes=int(n_classes), name=f"{card.name.replace(':', '-')}-trained")
+    return Encoder(network, card, digest, n_classes).to(device or _device())
+
+
+def _device():
+    from gmcert.encoders.encoding import default_device
+
+    return default_device()
+
+
+def train_model(out, data: str = "digits", encoder: str = "gmcert_cnn", input_size=None,
+                config: TrainConfig | None = None, teacher=None, pretrained=None, n_components: int = 64,
+                test_size: float = 0.25, device=None, progress: bool = True, stop_after=None, limit=None):
+    """Train a noise-robust base on ``data`` and write a gmcert model directory to ``out``.
+
+    Returns ``(pipeline, record)``, or ``(None, record)`` when ``stop_after`` epochs ran before the
+    end (the checkpoint in ``<out>.train/`` resumes the run). See :class:`TrainConfig` for the methods.
+    """
+    from gmcert.inputs import fit_split, load_inputs
+
+    config = config or TrainConfig()
+    out = Path(out)
+    staging = Path(f"{out}.train")
+    check_folder_target(out, "--out", owner_file="pipeline.json")
+    check_folder_target(staging, "--out", owner_file=CHECKPOINT)
+    from gmcert.encoders.cards import load_card
+
+    channels = load_card(encoder).input_size[0]
+    inputs = load_inputs({"data": data}, channels=channels, limit=limit)
+    train, test = fit_split(inputs.labels, test_size, config.seed)
+    classes, y_all = np.unique(inputs.labels, return_inverse=True)
+    device = torch.device(device) if device is not None else _device()
+    if input_size is None:  # upsampling past 4x adds compute, not information (224 px on 8 px digits: ~50x)
+        input_size = min(load_card(encoder).input_size[1], 4 * max(inputs.x.shape[2:]))
+    student = build_student(encoder, len(classes), input_size, pretrained, device)
+    images, labels = torch.as_tensor(inputs.x, dtype=torch.float32), torch.as_tensor(y_all, dtype=torch.long)
+    teacher_module = None
+    if config.method == "crt":
+        from gmcert.train.teacher import load_teacher
+
+        teacher_module = load_teacher(teacher, classes, tuple(inputs.x.shape[1:]), device)
+    elif teacher is not None:
+        raise DataError(f"--teacher is used by the crt method only, not {config.method}")
+    identity = json.loads(json.dumps({"data": inputs.identity, "encoder": student.describe(),
+                                      "teacher": str(teacher) if teacher is not None else None}, default=str))
+    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        record = train_network(student, images[train], labels[train], config, teacher=teacher_module,
+                               checkpoint=staging / CHECKPOINT, held_out=(images[test], labels[test]),
+                               identity=identity, progress=progress, stop_after=stop_after)
+    except BaseException:
+        if not (staging / CHECKPOINT).exists():  # nothing to resume: leave nothing behind
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if record["epochs_done"] < config.epochs:
+        return None, record
+    pipeline = _finish(out, staging, student, inputs, classes, train, test, config, record, n_components, device)
+    shutil.rmtree(staging, ignore_errors=True)
+    return pipeline, record
+
+
+def _finish(out, staging, student, inputs, classes, train, test, config, record, n_components, device):
+    """Weights and card, the closed-form head on noisy latents, the curves; then the model directory."""
+    from safetensors.torch import save_file
+
+    from gmcert.encoders.cards import file_sha256
+    from gmcert.pipeline import Pipeline
+    from gmcert.train.curves import plot_training
+
+    weights = staging / "encoder.safetensors"
+    save_file({k: v.detach().cpu().contiguous() for k, v in student.network.state_dict().items()}, str(weights))
+    card = staging / "encoder.toml"
+    card.write_text(_toml(student.card.as_dict(), {"source": "file", "path": weights.name, "mapping": "names",
+                                                   "sha256": file_sha256(weights)}))
+    dim = min(int(n_components), int(student.card.feature_dim))
+    pipeline = Pipeline(encoder=str(card), projection="pca", n_components=dim, pretrained=True, device=device)
+    rng = np.random.default_rng(config.seed)
+    x = np.asarray(inputs.x[train], dtype=np.float32)
+    noisy = np.concatenate([x + rng.normal(0.0, config.sigma, x.shape).astype(np.float32)
+                            for _ in range(config.head_copies)])
+    pipeline.fit(noisy, np.tile(inputs.labels[train], config.head_copies))
+    pipeline.input_shape_ = tuple(x.shape[1:])
+    held = np.asarray(inputs.x[test], dtype=np.float32)
+    record["network"] = dict(zip(("clean_accuracy", "noisy_accuracy"), evaluate(
+        student, torch.as_tensor(held), torch.as_tensor(np.searchsorted(classes, inputs.labels[test])), config.sigma,
+        seed=config.seed + 7)))
+    if len(test):
+        noisy_held = held + np.random.default_rng(config.seed + 7).normal(0.0, config.sigma, held.shape).astype(np.float32)
+        record["head"] = {"clean_accuracy": float(np.mean(pipeline.predict(held) == inputs.labels[test])),
+                          "noisy_accuracy": float(np.mean(pipeline.predict(noisy_held) == inputs.labels[test]))}
+    (staging / "train.json").write_text(json.dumps(record, indent=2) + "\n")
+    plot_training(record["history"], staging / "training_curves.png",
+                  title=f"{config.method}, sigma={config.sigma}, {student.card.name}")
+    pipeline.bundled_files = {name: staging / name for name in
+                              ("encoder.toml", "encoder.safetensors", "train.json", "training_curves.png")}
+    pipeline.metadata = {"data": str(inputs.source), "channels": int(inputs.x.shape[1]), "test_index": test.tolist(),
+                         "seed": config.seed, "noise_sigma": config.sigma, "noise_copies": config.head_copies,
+                         "train": {"config": config.as_dict(), "network": record["network"],
+                                   "head": record.get("head")}}
+    pipeline.save(out)
+    return pipeline
