@@ -311,6 +311,19 @@ def map_ordered(source: dict, target: dict, path: str = "") -> dict:
     return mapped
 
 
+def check_state_dict(path, saved: dict, model: torch.nn.Module) -> None:
+    """Refuse weights that do not fit ``model``, naming what differs (missing, extra, shapes)."""
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in saved.items()}
+    problems = [f"{k} missing" for k in wanted if k not in found]
+    problems += [f"{k} not in the model" for k in found if k not in wanted]
+    problems += [f"{k} has shape {found[k]}, the model needs {wanted[k]}"
+                 for k in wanted if k in found and found[k] != wanted[k]]
+    if problems:
+        raise ModelFileError(path, "foreign", "weights do not fit the network: " + "; ".join(problems[:4])
+                             + ("; ..." if len(problems) > 4 else ""))
+
+
 def _build(card: EncoderCard, pretrained: bool):
     """(timm network with head, weights hash)."""
     import timm
@@ -347,10 +360,8 @@ def _build(card: EncoderCard, pretrained: bool):
     else:
         prefix = card.weights.get("strip_prefix", "")
         state = {k[len(prefix):] if prefix and k.startswith(prefix) else k: v for k, v in state.items()}
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ModelFileError(path, "foreign", str(err).splitlines()[0]) from err
+    check_state_dict(path, state, net)
+    net.load_state_dict(state, strict=True)
     return net, "sha256:" + digest
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from gmcert.encoders.cards import check_state_dict
 from gmcert.errors import ModelFileError
 
 FORMAT = "gmcert-train-checkpoint"
@@ -66,19 +67,6 @@ def read_checkpoint(path) -> tuple[dict, dict, dict]:
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
     return model, {"state": state, "param_groups": meta["param_groups"]}, meta["record"]
-
-
-def check_state_dict(path, saved: dict, model: torch.nn.Module) -> None:
-    """Refuse weights that do not fit ``model``, naming what differs (missing, extra, shapes)."""
-    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in saved.items()}
-    problems = [f"{k} missing" for k in wanted if k not in found]
-    problems += [f"{k} not in the model" for k in found if k not in wanted]
-    problems += [f"{k} has shape {found[k]}, the model needs {wanted[k]}"
-                 for k in wanted if k in found and found[k] != wanted[k]]
-    if problems:
-        raise ModelFileError(path, "foreign", "weights do not fit the network: " + "; ".join(problems[:4])
-                             + ("; ..." if len(problems) > 4 else ""))
 
 
 def load_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

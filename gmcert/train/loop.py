@@ -144,11 +144,10 @@ def train_network(student, images, labels, config: TrainConfig, teacher=None, ch
     stop_after : int, optional
         Stop after this many epochs of this call (tests simulate a kill with it).
     """
-    from gmcert.train.checkpoint import load_checkpoint, save_checkpoint
+    from gmcert.train.checkpoint import load_checkpoint
 
     if config.method == "crt" and teacher is None:
         raise DataError("crt needs a teacher (--teacher MODEL): a gmcert model or torch classifier")
-    device = next(student.parameters()).device
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     run = {"config": config.as_dict(), "identity": identity or {}}
     record = {**run, "epochs_done": 0, "history": [],
@@ -160,10 +159,20 @@ def train_network(student, images, labels, config: TrainConfig, teacher=None, ch
                             "or rerun with the arguments it was started with")
         record = saved
     held_out = held_out or (images[:0], labels[:0])
+    with tqdm(total=config.epochs, initial=record["epochs_done"], desc=f"train {config.method}", unit="epoch",
+              disable=not progress, leave=False) as bar:  # closed on errors too: a message gets its own line
+        _epochs(student, teacher, images, labels, config, optimizer, record, held_out, checkpoint, stop_after,
+                bar)
+    student.eval()
+    return record
+
+
+def _epochs(student, teacher, images, labels, config, optimizer, record, held_out, checkpoint, stop_after, bar):
+    from gmcert.train.checkpoint import save_checkpoint
+
+    device = next(student.parameters()).device
     use_amp = config.amp and device.type == "cuda"
     done_here = 0
-    bar = tqdm(total=config.epochs, initial=record["epochs_done"], desc=f"train {config.method}", unit="epoch",
-               disable=not progress, leave=False)
     while record["epochs_done"] < config.epochs and (stop_after is None or done_here < stop_after):
         epoch = record["epochs_done"]
         start, counts = time.perf_counter(), {"student_forward_backward": 0, "teacher_forward": 0}
@@ -182,7 +191,7 @@ def train_network(student, images, labels, config: TrainConfig, teacher=None, ch
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
                 loss = _batch_loss(student, teacher, x, y, config, generator, counts)
             if not torch.isfinite(loss):
-                raise DataError(f"the training loss became {float(loss)} at epoch {epoch + 1}: lower --lr")
+                raise DataError(f"the training loss became {loss.item()} at epoch {epoch + 1}: lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -200,6 +209,3 @@ def train_network(student, images, labels, config: TrainConfig, teacher=None, ch
         done_here += 1
         bar.update(1)
         bar.set_postfix(loss=f"{total / max(batches, 1):.3f}", noisy_acc=f"{noisy:.3f}")
-    bar.close()
-    student.eval()
-    return record

@@ -31,8 +31,12 @@ def _toml(card: dict, weights: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_student(encoder: str, n_classes: int, input_size=None, pretrained=None, device=None):
-    """The base card's network with a new ``n_classes`` classifier, as an Encoder (pixels -> logits)."""
+def build_student(encoder: str, n_classes: int, input_size=None, pretrained=None, device=None, seed: int = 0):
+    """The base card's network with a new ``n_classes`` classifier, as an Encoder (pixels -> logits).
+
+    The new classifier is drawn from ``seed`` (a card without weights starts from its fixed random
+    init), so the same arguments give the same student whatever torch's global random state.
+    """
     from gmcert.encoders.cards import Encoder, _build, load_card
 
     card = load_card(encoder)
@@ -43,7 +47,9 @@ def build_student(encoder: str, n_classes: int, input_size=None, pretrained=None
     if pretrained is None:
         pretrained = card.weights.get("source") != "none"
     network, digest = _build(card, pretrained)
-    network.reset_classifier(n_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        network.reset_classifier(n_classes)
     card = replace(card, num_classes=int(n_classes), name=f"{card.name.replace(':', '-')}-trained")
     return Encoder(network, card, digest, n_classes).to(device or _device())
 
@@ -78,11 +84,14 @@ def train_model(out, data: str = "digits", encoder: str = "gmcert_cnn", input_si
     device = torch.device(device) if device is not None else _device()
     if input_size is None:  # upsampling past 4x adds compute, not information (224 px on 8 px digits: ~50x)
         input_size = min(load_card(encoder).input_size[1], 4 * max(inputs.x.shape[2:]))
-    student = build_student(encoder, len(classes), input_size, pretrained, device)
+    student = build_student(encoder, len(classes), input_size, pretrained, device, seed=config.seed)
     images, labels = torch.as_tensor(inputs.x, dtype=torch.float32), torch.as_tensor(y_all, dtype=torch.long)
     teacher_module = None
     if config.method == "crt":
         from gmcert.train.teacher import load_teacher
+
+        if teacher is None:
+            raise DataError("crt needs a teacher (--teacher MODEL): a gmcert model directory with the same classes")
 
         teacher_module = load_teacher(teacher, classes, tuple(inputs.x.shape[1:]), device)
     elif teacher is not None:
