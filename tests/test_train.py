@@ -319,3 +319,38 @@ def test_checkpoint_of_another_network_or_run_is_refused(card, tmp_path):
     small = _student(card)
     with pytest.raises(ModelFileError, match="has shape"):
         load_checkpoint(checkpoint, small, torch.optim.AdamW(small.parameters()))
+
+
+def test_a_killed_train_command_resumes_to_the_uninterrupted_weights(card, tmp_path):
+    """SIGKILL a real ``gmcert train`` process once its first checkpoint exists; rerunning the same
+    command finishes the run, and its weights equal an uninterrupted run's, bit for bit."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from gmcert.train.checkpoint import read_checkpoint
+
+    x, y = _templates(200)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    args = ["train", "--data", str(tmp_path / "data.npz"), "--encoder", str(card), "--epochs", "80",
+            "--batch-size", "16", "--lr", "1e-2", "--device", "cpu"]
+    out, checkpoint = tmp_path / "killed", tmp_path / "killed.train" / "checkpoint.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # as this module's one torch thread
+    process = subprocess.Popen([sys.executable, "-m", "gmcert", *args, "--out", str(out)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    assert checkpoint.exists() and not out.exists()
+    done = read_checkpoint(checkpoint)[2]["epochs_done"]
+    assert 1 <= done < 80  # killed mid-run
+    assert main([*args, "--out", str(out)]) == 0
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    resumed, whole = load_file(str(out / "encoder.safetensors")), load_file(str(tmp_path / "whole" / "encoder.safetensors"))
+    assert resumed.keys() == whole.keys()
+    assert [k for k in whole if not torch.equal(resumed[k], whole[k])] == []
+    history = json.loads((out / "train.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == list(range(1, 81))

@@ -33,7 +33,7 @@ class TrainConfig:
     sigma: float = 0.25
     epochs: int = 30
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 1e-4
     copies: int = 2
     consistency_weight: float = 10.0
