@@ -11,6 +11,7 @@ import numpy as np
 from gmcert.atomic import check_file_target, check_folder_target
 from gmcert.errors import DataError, GmcertError
 from gmcert.inputs import check_arguments, fit_split, load_inputs, load_model, model_inputs
+from gmcert.train.command import add_train_args, cmd_train
 
 DEFAULT_MODEL = "runs/default"
 DEFAULT_TRAINED = "runs/trained"
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--q-samples", type=int, default=20000, help="samples from the mixture for CertAcc_Q")
     diag.add_argument("--seed", type=int, default=0)
 
-    _add_train_args(sub)
+    add_train_args(sub, DEFAULT_TRAINED)
     comp = sub.add_parser("compare", help="closed form vs smoothing baselines on the same inputs")
     _add_data_args(comp, "npz with z (n, d) and y (n,)")
     comp.add_argument("--model", default=DEFAULT_MODEL)
@@ -125,41 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "with --max-samples draws would give (default 0.03)")
     comp.add_argument("--n-inputs", type=int, default=6, help="held-out inputs to certify (default 6)")
     comp.add_argument("--estimate", action="store_true", help="also show CLEVER-estimated GM radii (not sound)")
+    comp.add_argument("--smoothing-model", default=None,
+                      help="smooth this model (e.g. a noise-trained base) on the same inputs, beside --model's "
+                           "closed form")
     comp.add_argument("--seed", type=int, default=0)
     return parser
-
-
-def _add_train_args(sub):
-    train = sub.add_parser("train", help="train a noise-robust base (Gaussian, consistency, CRT) and fit its head",
-                           description="Train an encoder under Gaussian noise, refit the Gaussian-mixture head on noisy "
-                                       "latents, and write a gmcert model directory (certify/compare/diagnose read it).")
-    train.add_argument("--data", default="digits", help="digits | cifar10[:train|:test] | ImageFolder dir | .npz")
-    train.add_argument("--encoder", default="gmcert_cnn",
-                       help="card name (gmcert_cnn, a small CNN for small images; efficientnet_lite0, ...), "
-                            ".toml path or timm:<model>")
-    train.add_argument("--input-size", type=int, default=None,
-                       help="pixels the encoder works at (default: the card's, at most 4x the data's image size)")
-    train.add_argument("--sigma", type=float, default=0.25, help="Gaussian noise to train (and certify) with")
-    train.add_argument("--method", choices=["gaussian", "consistency", "crt"], default="gaussian")
-    train.add_argument("--teacher", default=None, help="crt: a gmcert model directory with the same classes")
-    train.add_argument("--shape-latents", action="store_true", help="add the latent-shaping penalty")
-    train.add_argument("--shape-weight", type=float, default=1.0)
-    train.add_argument("--copies", type=int, default=2, help="consistency: noisy copies per input (m)")
-    train.add_argument("--consistency-weight", type=float, default=10.0, help="consistency: lambda")
-    train.add_argument("--crt-weight", type=float, default=1.0, help="crt: w of the logit distance (1 - w: CE)")
-    train.add_argument("--epochs", type=int, default=30)
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--lr", type=float, default=3e-3,
-                       help="AdamW learning rate, cosine decay (default 3e-3; fine-tuning a pretrained encoder wants less)")
-    train.add_argument("--head-copies", type=int, default=4, help="noisy copies per image for the head's refit")
-    train.add_argument("--dim", type=int, default=64, help="PCA dimension of the head (default 64)")
-    train.add_argument("--test-size", type=float, default=0.25, help="held-out fraction (default 0.25)")
-    train.add_argument("--no-pretrained", action="store_true", help="start from random weights")
-    train.add_argument("--amp", action="store_true", help="bfloat16 mixed precision on CUDA")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--limit", type=int, default=None, help="use only the first N inputs")
-    train.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    train.add_argument("--out", default=DEFAULT_TRAINED, help=f"model directory (default {DEFAULT_TRAINED})")
 
 
 def _add_fallback_args(p):
@@ -374,49 +345,35 @@ def cmd_compare(args) -> int:
     config = CompareConfig(methods=[m.strip() for m in args.methods.split(",") if m.strip()], sigma=args.sigma,
                            alpha=args.alpha, radii=[float(r) for r in radii], cohen_n=cohen_n, n0=args.n0,
                            max_samples=args.max_samples, radius_tol=args.radius_tol,
-                           estimate=args.estimate, seed=args.seed)
+                           estimate=args.estimate, seed=args.seed,
+                           smoothing_model=str(Path(args.smoothing_model).resolve()) if args.smoothing_model else None)
     pipeline = load_model(args.model, device=args.device, cache_dir=args.cache_dir or None)
+    smoothed = None
+    if args.smoothing_model:
+        smoothed = load_model(args.smoothing_model, device=args.device, cache_dir=args.cache_dir or None)
+        if not np.array_equal(smoothed.head.classes_, pipeline.head.classes_) or \
+                tuple(smoothed.input_shape_) != tuple(pipeline.input_shape_):
+            raise DataError(f"--smoothing-model {args.smoothing_model} must take the inputs --model takes (classes "
+                            f"{smoothed.head.classes_.tolist()} vs {pipeline.head.classes_.tolist()}, input shape "
+                            f"{tuple(smoothed.input_shape_)} vs {tuple(pipeline.input_shape_)})")
     inputs, index = model_inputs(args, pipeline, "test")
     keep = np.arange(min(args.n_inputs, len(index)))
     inputs, index = inputs.subset(keep), index[keep]
+    if smoothed is not None and not (args.latents or args.data):
+        held = set(smoothed.metadata.get("test_index", []))
+        if smoothed.metadata.get("data") != pipeline.metadata.get("data") or not set(index.tolist()) <= held:
+            raise DataError(f"--smoothing-model {args.smoothing_model} was trained on some of the inputs being "
+                            "compared (its held-out split differs): train both with the same --data and --seed")
     out = Path(args.out) if args.out else Path(args.model) / "compare"
     check_folder_target(out, "--out")
     check_run_dir(out, config)
     print(f"comparing {', '.join(config.method_names())} on {len(index)} inputs (sigma={config.sigma}, "
           f"alpha={config.alpha}, n0={config.n0}, sequential budget {config.max_samples}); "
           f"raise --n-inputs / --cohen-n for tighter figures", file=sys.stderr)
-    record = run_compare(pipeline, inputs.x, inputs.labels, index, out, config)
+    record = run_compare(pipeline, inputs.x, inputs.labels, index, out, config, smoothed=smoothed)
     print((out / "summary.md").read_text())
     print(f"wrote {out}/<method>.tsv, summary.json, summary.md, certified_accuracy.png, samples.png")
     return 0 if record else 1
-
-
-def cmd_train(args) -> int:
-    from gmcert.train import TrainConfig, train_model
-
-    config = TrainConfig(method=args.method, sigma=args.sigma, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, copies=args.copies, consistency_weight=args.consistency_weight,
-                         crt_weight=args.crt_weight, shape_latents=args.shape_latents, shape_weight=args.shape_weight,
-                         head_copies=args.head_copies, seed=args.seed, amp=args.amp)
-    print(f"training {args.encoder} on {args.data} by {args.method} at sigma={args.sigma}"
-          f"{' with latent shaping' if args.shape_latents else ''} for {args.epochs} epochs", file=sys.stderr)
-    pipeline, record = train_model(args.out, data=args.data, encoder=args.encoder, input_size=args.input_size,
-                                   config=config, teacher=args.teacher, pretrained=False if args.no_pretrained else None,
-                                   n_components=args.dim, test_size=args.test_size, device=args.device,
-                                   limit=args.limit)
-    last, network, head = record["history"][-1], record["network"], record.get("head") or {}
-    compute = record["compute"]
-    print(f"saved model to {args.out} ({pipeline.encoder.card.name}, input size "
-          f"{pipeline.encoder.card.input_size[1]} px, {pipeline.n_components}-dim Gaussian-mixture head)")
-    print(f"training: {record['epochs_done']} epochs, {compute['seconds']:.1f} s "
-          f"({compute['seconds'] / record['epochs_done']:.2f} s/epoch), final loss {last['loss']:.4f}")
-    print(f"held-out accuracy, network:          clean {network['clean_accuracy']:.4f}   "
-          f"under noise sigma={args.sigma}: {network['noisy_accuracy']:.4f}")
-    if head:
-        print(f"held-out accuracy, Gaussian mixture: clean {head['clean_accuracy']:.4f}   "
-              f"under noise sigma={args.sigma}: {head['noisy_accuracy']:.4f}")
-    print(f"next: gmcert compare --model {args.out} --sigma {args.sigma}")
-    return 0
 
 
 def _accuracy_table(radii, latent_acc, input_acc, kind) -> str:

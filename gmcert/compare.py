@@ -47,6 +47,8 @@ class CompareConfig:
     estimate: bool = False
     seed: int = 0
     batch_size: int = 250
+    #: smooth another model (a noise-trained base) on the same inputs, beside this one's closed form
+    smoothing_model: str | None = None
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -69,9 +71,10 @@ class CompareConfig:
             raise DataError(f"radius_tol must be a positive number (in units of sigma), got {self.radius_tol}")
 
     def method_names(self) -> list[str]:
-        names = []
+        names, other = [], f"-of-{Path(self.smoothing_model).name}" if self.smoothing_model else ""
         for method in self.methods:
-            names += [f"cohen-n{int(n)}" for n in self.cohen_n] if method == "cohen" else [method]
+            names += [f"cohen-n{int(n)}{other}" for n in self.cohen_n] if method == "cohen" else \
+                [method if method.startswith("gm-") else method + other]
             if self.estimate and method.startswith("gm-"):
                 names.append(f"{method}-estimate")  # drawn as its own, dashed curve: not a certificate
         return names
@@ -89,7 +92,7 @@ def package_versions() -> dict:
     return versions
 
 
-def _run_method(name, pipeline, smoother, x, config):
+def _run_method(name, pipeline, smoother, x, config, smoothed=None):
     """One input, one method -> Certificate (prediction as a label)."""
     import torch
 
@@ -100,21 +103,25 @@ def _run_method(name, pipeline, smoother, x, config):
     start = time.perf_counter()
     image = torch.as_tensor(x, dtype=torch.float32)
     if name.startswith("cohen-n"):
-        cert = smoother.certify(image, n0=config.n0, n=int(name[len("cohen-n"):]), alpha=config.alpha,
-                                batch_size=config.batch_size)
+        n = int(name[len("cohen-n"):].split("-of-")[0])  # "cohen-n1000" or "cohen-n1000-of-<model>"
+        cert = smoother.certify(image, n0=config.n0, n=n, alpha=config.alpha, batch_size=config.batch_size)
     else:
         from gmcert.smoothing.smoother import HeadPrior
 
         cert = smoother.certify_sequential(image, alpha=config.alpha, max_radius=2 * config.sigma,
                                            max_samples=config.max_samples, prior=HeadPrior(),
                                            radius_tol=config.radius_tol * config.sigma)
-    cert = pipeline.label_smoothed(cert)
+    cert = (smoothed or pipeline).label_smoothed(cert)
     cert.time = time.perf_counter() - start
     return cert
 
 
-def run_compare(pipeline, X, labels, index, out, config: CompareConfig, progress=True) -> dict:
-    """Run every method of ``config`` on inputs ``X`` (with ``labels``, TSV ``index``) into ``out``."""
+def run_compare(pipeline, X, labels, index, out, config: CompareConfig, progress=True, smoothed=None) -> dict:
+    """Run every method of ``config`` on inputs ``X`` (with ``labels``, TSV ``index``) into ``out``.
+
+    ``smoothed``: the pipeline that the smoothing methods smooth (``config.smoothing_model``, loaded and
+    checked by the caller); default ``pipeline`` itself.
+    """
     from tqdm import tqdm
 
     if len(index) == 0:
@@ -130,12 +137,12 @@ def run_compare(pipeline, X, labels, index, out, config: CompareConfig, progress
     with tqdm(total=total, desc="compare", unit="cert", disable=not progress) as bar:
         for name in names:
             # A fresh, seeded generator per method: rerunning one method alone gives the same rows.
-            smoother = pipeline.smoother(config.sigma, config.seed)
+            smoother = (smoothed or pipeline).smoother(config.sigma, config.seed)
             bar.set_postfix_str(name)
             for i in todo[name]:
                 # Per-input seeds: a resumed run draws the same noise as an uninterrupted one.
                 smoother.reseed(config.seed + int(index[i]))
-                cert = _run_method(name, pipeline, smoother, X[i], config)
+                cert = _run_method(name, pipeline, smoother, X[i], config, smoothed)
                 writers[name].write(certificate_row(int(index[i]), int(labels[i]), cert))
                 bar.update(1)
     results = {name: writers[name].close() for name in names}

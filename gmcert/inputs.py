@@ -223,6 +223,8 @@ ARGUMENT_RULES = {
     "shape_weight": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
     "consistency_weight": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
     "crt_weight": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "margin": (lambda v: 0 < v < math.inf, "a positive number"),
+    "distill_weight": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
 }
 
 

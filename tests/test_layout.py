@@ -15,7 +15,7 @@ LAYERS = {
     "gmcert.smoothing.sequential": 1,
     "gmcert.data": 2, "gmcert.encoders": 2, "gmcert.head": 2, "gmcert.smoothing.smoother": 2,
     "gmcert.pipeline": 3, "gmcert.report": 3,
-    "gmcert.hybrid": 4, "gmcert.compare": 4, "gmcert.inputs": 4, "gmcert.train": 4,
+    "gmcert.hybrid": 4, "gmcert.compare": 4, "gmcert.inputs": 4, "gmcert.train": 4, "gmcert.train.command": 5,
     "gmcert.cli": 5, "gmcert.__main__": 5,
 }
 MATH = 1  # the layer that must run without torch

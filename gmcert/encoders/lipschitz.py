@@ -74,7 +74,7 @@ def _ops(m, name):
     """Flatten ``m`` into ops in forward order; exact type matches only (subclasses may differ)."""
     from gmcert.encoders.cards import Encoder
     from gmcert.encoders.projection import ProjectionLayer
-    from gmcert.encoders.small import SmallCNN
+    from gmcert.encoders.small import GroupSort, LipschitzMLP, SmallCNN
 
     t, tt = type(m), _timm_types()
 
@@ -87,6 +87,10 @@ def _ops(m, name):
         return [o for n, c in m.named_children() for o in _ops(c, f"{name}.{n}")]
     if t is SmallCNN:
         return sub("features", "pool", "flatten", "classifier")
+    if t is LipschitzMLP:
+        return sub("flatten", "layers", "classifier")
+    if t is GroupSort:  # a permutation of each pair: 1-Lipschitz in L2 and exact in floating point
+        return [_Op("act", name, m, lip=1.0)]
     if t is tt["EfficientNet"]:
         return sub("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool", "classifier")
     blocks = {tt["ConvBnAct"]: ("conv", "bn1", "aa"),

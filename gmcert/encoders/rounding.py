@@ -60,12 +60,13 @@ from torch import nn
 from gmcert.errors import DataError
 from gmcert.encoders.lipschitz import LipschitzUnsupportedError, _bn_scale, _groups, _traced_ops
 from gmcert.encoders.projection import ProjectionLayer
+from gmcert.encoders.small import GroupSort
 
 DTYPES = (torch.float64, torch.float32)
 _INFLATE = 1.0 + 1e-6
 _BN_ROUNDINGS = 16
 _CHUNK_BYTES = 4 << 20
-_EXACT_ACTS = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+_EXACT_ACTS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, GroupSort)  # GroupSort only permutes its input
 _SMOOTH_ACTS = (nn.Sigmoid, nn.Tanh, nn.Softplus, nn.SiLU)
 _TINY64 = torch.finfo(torch.float64).tiny * torch.finfo(torch.float64).eps
 

@@ -1,5 +1,9 @@
-"""gmcert's own small convolutional encoders, registered with timm so that cards and
-``timm.create_model`` build them like any other architecture.
+"""gmcert's own small encoders, registered with timm so that cards and ``timm.create_model``
+build them like any other architecture.
+
+* ``gmcert_cnn`` / ``gmcert_cnn_tiny``: small CNNs, bases for smoothing (``gmcert train``);
+* ``gmcert_lipmlp``: a 1-Lipschitz MLP on 8x8 images (orthogonal linear layers, GroupSort), whose
+  closed-form certificates are sound and useful from one pass (``gmcert train --student lipschitz``).
 
 They exist for what a 2-core CPU can train in minutes: noise-robust bases on 8 to 32 px images
 (``gmcert train``) and tests. Every layer is one that :mod:`gmcert.encoders.lipschitz` and
@@ -9,6 +13,7 @@ linear), so closed-form certificates cover them too. They follow timm's model AP
 """
 from __future__ import annotations
 
+import torch
 from timm.models import register_model
 from torch import nn
 
@@ -71,3 +76,68 @@ def gmcert_cnn(pretrained=False, **kwargs):
 def gmcert_cnn_tiny(pretrained=False, **kwargs):
     """8-16-32 channels, about 6k parameters (tests)."""
     return _create("gmcert_cnn_tiny", pretrained, **kwargs)
+
+
+class GroupSort(nn.Module):
+    """Sort consecutive pairs of features (MaxMin, Anil et al. 2019): a permutation of its input
+    on every pair, so 1-Lipschitz in L2, gradient-norm preserving, and exact in floating point."""
+
+    def forward(self, x):
+        a, b = x.unflatten(1, (-1, 2)).unbind(2)
+        return torch.stack((torch.maximum(a, b), torch.minimum(a, b)), dim=2).flatten(1, 2)
+
+
+class LipschitzMLP(nn.Module):
+    """Flatten -> (linear -> GroupSort) x depth -> linear to ``latent_dim``; trained with orthogonal
+    weights (``gmcert.train``), so every layer has spectral norm 1 and the whole map is 1-Lipschitz.
+    Its certificates never rely on that promise: :mod:`gmcert.encoders.lipschitz` bounds the stored
+    weights by exact SVD. ``in_features`` fixes the input size (1x8x8 digits by default)."""
+
+    def __init__(self, in_chans=1, num_classes=1000, in_pixels=64, width=256, depth=3, latent_dim=64):
+        super().__init__()
+        self.flatten = nn.Flatten()
+        layers, previous = [], in_chans * in_pixels
+        for _ in range(depth):
+            layers += [nn.Linear(previous, width), GroupSort()]
+            previous = width
+        layers.append(nn.Linear(previous, latent_dim))
+        self.layers = nn.Sequential(*layers)
+        self.in_features, self.num_features, self.num_classes = in_chans * in_pixels, latent_dim, int(num_classes)
+        self.classifier = nn.Linear(latent_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x):
+        if x[0].numel() != self.in_features:
+            from gmcert.errors import DataError
+
+            raise DataError(f"gmcert_lipmlp takes {self.in_features} pixels per image, got {tuple(x.shape[1:])}: "
+                            "keep the card's input size")
+        return self.layers(self.flatten(x))
+
+    def forward_head(self, x, pre_logits: bool = False):
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self):
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int, *args, **kwargs):
+        self.num_classes = int(num_classes)
+        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def lipschitz_layers(self):
+        """The linear layers that training keeps orthogonal (the classifier is not part of the encoder)."""
+        return [m for m in self.layers if isinstance(m, nn.Linear)]
+
+
+@register_model
+def gmcert_lipmlp(pretrained=False, in_chans=1, num_classes=1000, **_timm_kwargs):
+    """1x8x8 -> 256 -> 256 -> 256 -> 64 latents, 1-Lipschitz when trained by `gmcert train --student lipschitz`."""
+    if pretrained:
+        raise ValueError("gmcert_lipmlp has no pretrained weights: train it with `gmcert train --student lipschitz`")
+    model = LipschitzMLP(in_chans=in_chans, num_classes=num_classes)
+    model.pretrained_cfg = model.default_cfg = {
+        "architecture": "gmcert_lipmlp", "tag": "", "input_size": (in_chans, 8, 8), "mean": (0.5,) * in_chans,
+        "std": (1.0,) * in_chans, "interpolation": "bilinear", "num_classes": num_classes}
+    return model

@@ -17,7 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from gmcert.errors import DataError
-from gmcert.train.losses import METHODS, add_noise, consistency_loss, crt_loss, gaussian_loss, shaping_penalty
+from gmcert.train.losses import (METHODS, add_noise, consistency_loss, crt_loss, distillation_loss, gaussian_loss,
+                                 margin_loss, shaping_penalty)
+
+STUDENTS = ("standard", "lipschitz")
 
 
 @dataclass
@@ -26,7 +29,9 @@ class TrainConfig:
 
     ``copies``, ``consistency_weight`` and ``entropy_weight`` are Jeong and Shin's m, lambda and eta;
     ``crt_weight`` is CRT's w; ``head_copies`` noisy copies per training image feed the final
-    Gaussian-mixture head.
+    Gaussian-mixture head. ``student="lipschitz"`` keeps the network's linear layers orthogonal
+    while training (``margin`` is then the method: ``margin`` is the target latent radius, and
+    ``distill_weight`` weighs distillation to a teacher's latents when one is given).
     """
 
     method: str = "gaussian"
@@ -44,6 +49,9 @@ class TrainConfig:
     head_copies: int = 4
     seed: int = 0
     amp: bool = False
+    student: str = "standard"
+    margin: float = 1.0
+    distill_weight: float = 1.0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -59,6 +67,14 @@ class TrainConfig:
             value = float(getattr(self, name))
             if not (math.isfinite(value) and value >= 0) or (name == "lr" and value == 0):
                 raise DataError(f"{name} must be a finite number >= 0 (lr > 0), got {value}")
+        if self.student not in STUDENTS:
+            raise DataError(f"unknown student {self.student!r}: choose one of {', '.join(STUDENTS)}")
+        if (self.student == "lipschitz") != (self.method == "margin"):
+            raise DataError("a Lipschitz student trains by the margin method, and only it does "
+                            f"(student {self.student!r}, method {self.method!r})")
+        if not (math.isfinite(self.margin) and self.margin > 0 and math.isfinite(self.distill_weight)
+                and self.distill_weight >= 0):
+            raise DataError(f"margin must be > 0 and distill_weight >= 0, got {self.margin}, {self.distill_weight}")
         if not 0 <= self.crt_weight <= 1:
             raise DataError(f"crt_weight must be in [0, 1], got {self.crt_weight}")
 
@@ -84,6 +100,16 @@ def epoch_lr(config: TrainConfig, epoch: int) -> float:
 
 def _batch_loss(student, teacher, x, y, config, generator, counts):
     """The method's loss on one batch, and the student/teacher sample passes it costs."""
+    if config.method == "margin":  # no noise: the radius itself is trained
+        h, _ = features_and_logits(student, x)
+        loss = margin_loss(h, y, student.centers, config.margin)
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher(x)
+            counts["teacher_forward"] += len(x)
+            loss = loss + config.distill_weight * distillation_loss(h, target, student.distill_map)
+        counts["student_forward_backward"] += len(x)
+        return loss + (config.shape_weight * shaping_penalty(h.float(), y) if config.shape_latents else 0.0)
     if config.method == "consistency":
         noisy = torch.cat([add_noise(x, config.sigma, generator) for _ in range(config.copies)])
         h, logits = features_and_logits(student, noisy)
@@ -107,8 +133,15 @@ def _batch_loss(student, teacher, x, y, config, generator, counts):
     return loss
 
 
+def predict(student, x):
+    """Class indices: the logits' argmax, or the nearest class centre for a margin-trained student."""
+    if hasattr(student, "centers"):
+        return torch.cdist(features_and_logits(student, x)[0], student.centers).argmin(1)
+    return student(x).argmax(1)
+
+
 def evaluate(student, images, labels, sigma: float, seed: int, batch_size: int = 256) -> tuple[float, float]:
-    """(clean accuracy, accuracy under one draw of N(0, sigma^2) noise) of the student's logits."""
+    """(clean accuracy, accuracy under one draw of N(0, sigma^2) noise) of the student (:func:`predict`)."""
     if len(images) == 0:
         return float("nan"), float("nan")
     device = next(student.parameters()).device
@@ -118,8 +151,8 @@ def evaluate(student, images, labels, sigma: float, seed: int, batch_size: int =
         for start in range(0, len(images), batch_size):
             x = images[start:start + batch_size].to(device)
             y = labels[start:start + batch_size].to(device)
-            clean += int((student(x).argmax(1) == y).sum())
-            noisy += int((student(add_noise(x, sigma, generator)).argmax(1) == y).sum())
+            clean += int((predict(student, x) == y).sum())
+            noisy += int((predict(student, add_noise(x, sigma, generator)) == y).sum())
     return clean / len(images), noisy / len(images)
 
 

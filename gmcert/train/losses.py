@@ -10,6 +10,8 @@ under the noise it will be smoothed with).
 * ``crt``          w * mean_b ||f_s(x + eta) - f_t(x + eta)||_2 + (1 - w) * CE(f_s(x + eta), y) on logits, the
                    teacher frozen and fed the same noisy input (Vaishnavi et al., NeurIPS 2022; w = 1 is
                    their default, and the norm is not squared).
+* ``margin``       no noise: a hinge on the latents' radii to the head's bisectors (for 1-Lipschitz
+                   students, ``--student lipschitz``), plus distillation to a teacher's latents if given.
 * latent shaping   (any method) the within-class share of the latents' variance under noise,
                    tr(S_W) / tr(S_T) on the batch: scale-free, so it cannot be met by shrinking the
                    latents, and its minimum is tight class clusters around their means, which is what
@@ -20,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-METHODS = ("gaussian", "consistency", "crt")
+METHODS = ("gaussian", "consistency", "crt", "margin")
 
 
 def add_noise(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -65,3 +67,32 @@ def shaping_penalty(features: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     counts = torch.bincount(index, minlength=len(classes)).to(features.dtype)
     within = (features - (sums / counts[:, None])[index]).pow(2).sum()
     return within / total.clamp_min(torch.finfo(features.dtype).tiny)
+
+
+def hyperplane_radii(z: torch.Tensor, y: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """``(B, K)`` signed distances from each latent to the bisector between its class centre and every
+    other centre, (||z - mu_j||^2 - ||z - mu_y||^2) / (2 ||mu_y - mu_j||): the certified latent radius
+    of a nearest-centre (shared isotropic Gaussian) head. The true class's column is +inf."""
+    d2 = torch.cdist(z, centers).pow(2)  # (B, K)
+    own = d2.gather(1, y[:, None])
+    gap = (centers[y][:, None, :] - centers[None]).norm(dim=-1)  # (B, K)
+    radii = (d2 - own) / (2 * gap.clamp_min(1e-12))
+    return radii.masked_fill(torch.nn.functional.one_hot(y, len(centers)).bool(), float("inf"))
+
+
+def margin_loss(z: torch.Tensor, y: torch.Tensor, centers: torch.Tensor, margin: float = 1.0,
+                sharpness: float = 5.0) -> torch.Tensor:
+    """A smooth hinge pushing every latent's radius to all other classes' bisectors past ``margin``:
+    log(1 + sum_j exp(s (margin - r_j))) / s. With a 1-Lipschitz encoder a latent radius r is an
+    input radius r, so this enlarges the certified radius directly (Lipschitz-margin training,
+    Tsuzuku et al. 2018, here for the Gaussian-mixture head's bisectors)."""
+    radii = hyperplane_radii(z, y, centers)
+    logits = torch.cat([torch.zeros_like(radii[:, :1]), sharpness * (margin - radii)], dim=1)
+    return torch.logsumexp(logits, dim=1).mean() / sharpness
+
+
+def distillation_loss(z: torch.Tensor, target: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
+    """||z P - t||^2 relative to ||t||^2, P a learned linear map from the student's latents to the
+    teacher's (their dimensions may differ); the teacher's latents are detached."""
+    target = target.detach()
+    return (z @ mapping - target).pow(2).sum(1).mean() / target.pow(2).sum(1).mean().clamp_min(1e-12)

@@ -1,8 +1,9 @@
 """Teachers for certified robustness transfer: a saved gmcert model or a torch classifier.
 
 The teacher must map the student's pixels to logits over the same classes. A gmcert model trained
-by ``gmcert train`` teaches with its network's own classifier logits (what CRT distils); any other
-gmcert model teaches with its Gaussian-mixture head's log joint densities, s_k(z) / 2 (their
+by ``gmcert train`` under noise teaches with its network's own classifier logits (what CRT
+distils); any other gmcert model (fitted, or a margin-trained Lipschitz student, whose classifier
+is never trained) teaches with its Gaussian-mixture head's log joint densities, s_k(z) / 2 (their
 softmax is the head's posterior).
 """
 from __future__ import annotations
@@ -50,7 +51,8 @@ def load_teacher(teacher, classes, input_shape, device) -> nn.Module:
         if tuple(pipeline.input_shape_) != tuple(input_shape):
             raise DataError(f"{where} takes inputs of shape {tuple(pipeline.input_shape_)}, the training data has "
                             f"{tuple(input_shape)}")
-        if "train" in pipeline.metadata and pipeline.bundled_files:
+        trained = pipeline.metadata.get("train", {}).get("config", {})
+        if trained and pipeline.bundled_files and trained.get("method") != "margin":  # margin: no classifier
             from gmcert.encoders.cards import load_classifier
 
             module = load_classifier(pipeline.encoder_name, pretrained=True)
@@ -72,4 +74,21 @@ def load_teacher(teacher, classes, input_shape, device) -> nn.Module:
     if tuple(out.shape) != (1, len(classes)):
         raise DataError(f"{where} gives outputs of shape {tuple(out.shape[1:])}, not logits over the training "
                         f"data's {len(classes)} classes")
+    return module
+
+
+def load_latent_teacher(teacher, input_shape, device) -> nn.Module:
+    """A saved gmcert model's map pixels -> head inputs z (encoder, then projection), frozen: the
+    targets of latent distillation. Any other teacher is a clear error."""
+    if not isinstance(teacher, (str, Path)):
+        raise DataError(f"a latent teacher must be a gmcert model directory, got {type(teacher).__name__}")
+    from gmcert.inputs import load_model
+
+    pipeline = load_model(teacher, device=device)
+    if tuple(pipeline.input_shape_) != tuple(input_shape):
+        raise DataError(f"teacher {teacher} takes inputs of shape {tuple(pipeline.input_shape_)}, the training data "
+                        f"has {tuple(input_shape)}")
+    module = nn.Sequential(pipeline.encoder, pipeline.projection.to_torch()).to(device).eval()
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
     return module
