@@ -135,6 +135,10 @@ def test_cli_trains_a_student_and_compares_it_with_smoothing(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "input Lipschitz constant: 1.0000" in printed and "certified accuracy of the closed form" in printed
     assert main(["train", "--out", str(tmp_path / "noisy"), *common]) == 0
+    assert main(["train", "--student", "lipschitz", "--teacher", str(tmp_path / "noisy"),  # latent distillation
+                 "--out", str(tmp_path / "distilled"), *common]) == 0
+    compute = json.loads((tmp_path / "distilled" / "train.json").read_text())["compute"]
+    assert compute["teacher_forward"] == compute["student_forward_backward"] > 0
     assert main(["compare", "--model", str(tmp_path / "lip"), "--smoothing-model", str(tmp_path / "noisy"),
                  "--methods", "gm-exact,cohen", "--n-inputs", "4", "--cohen-n", "200", "--cache-dir", ""]) == 0
     summary = json.loads((tmp_path / "lip" / "compare" / "summary.json").read_text())
@@ -147,6 +151,7 @@ def test_cli_trains_a_student_and_compares_it_with_smoothing(tmp_path, capsys):
     (["--student", "lipschitz", "--method", "gaussian"], "Lipschitz student trains by the margin method"),
     (["--method", "margin"], "Lipschitz student trains by the margin method"),
     (["--student", "lipschitz", "--margin", "0"], "--margin must be a positive number"),
+    (["--student", "lipschitz", "--teacher", "efficientnet_lite0"], "takes 3-channel images, the training data has 1"),
 ])
 def test_bad_student_arguments_fail_cleanly(tmp_path, capsys, argv, message):
     assert main(["train", *argv, "--limit", "200", "--epochs", "1", "--out", str(tmp_path / "m")]) == 2

@@ -29,14 +29,14 @@ def add_train_args(sub, default_out: str):
                        help="default gaussian (margin for --student lipschitz)")
     train.add_argument("--teacher", default=None, help="crt: a gmcert model directory with the same classes; "
                                                        "margin: a gmcert model whose latents are distilled")
-    train.add_argument("--margin", type=float, default=1.0, help="margin: the target latent radius (default 1)")
+    train.add_argument("--margin", type=float, default=0.75, help="margin: the target latent radius (default 0.75)")
     train.add_argument("--distill-weight", type=float, default=1.0, help="margin: weight of latent distillation")
     train.add_argument("--shape-latents", action="store_true", help="add the latent-shaping penalty")
     train.add_argument("--shape-weight", type=float, default=1.0)
     train.add_argument("--copies", type=int, default=2, help="consistency: noisy copies per input (m)")
     train.add_argument("--consistency-weight", type=float, default=10.0, help="consistency: lambda")
     train.add_argument("--crt-weight", type=float, default=1.0, help="crt: w of the logit distance (1 - w: CE)")
-    train.add_argument("--epochs", type=int, default=30)
+    train.add_argument("--epochs", type=int, default=None, help="default 30 (100 for --student lipschitz)")
     train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--lr", type=float, default=3e-3,
                        help="AdamW learning rate, cosine decay (default 3e-3; fine-tuning a pretrained encoder wants less)")
@@ -57,6 +57,7 @@ def cmd_train(args) -> int:
     lipschitz = args.student == "lipschitz"
     args.method = args.method or ("margin" if lipschitz else "gaussian")
     args.encoder = args.encoder or ("gmcert_lipnet" if lipschitz else "gmcert_cnn")
+    args.epochs = args.epochs or (100 if lipschitz else 30)
     config = TrainConfig(method=args.method, sigma=args.sigma, student=args.student, margin=args.margin,
                          distill_weight=args.distill_weight, epochs=args.epochs, batch_size=args.batch_size,
                          lr=args.lr, copies=args.copies, consistency_weight=args.consistency_weight,

@@ -50,7 +50,7 @@ class TrainConfig:
     seed: int = 0
     amp: bool = False
     student: str = "standard"
-    margin: float = 1.0
+    margin: float = 0.75
     distill_weight: float = 1.0
 
     def __post_init__(self):

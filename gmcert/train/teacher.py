@@ -78,17 +78,29 @@ def load_teacher(teacher, classes, input_shape, device) -> nn.Module:
 
 
 def load_latent_teacher(teacher, input_shape, device) -> nn.Module:
-    """A saved gmcert model's map pixels -> head inputs z (encoder, then projection), frozen: the
-    targets of latent distillation. Any other teacher is a clear error."""
+    """The targets of latent distillation, frozen: a saved gmcert model's map pixels -> head inputs z
+    (encoder, then projection), or a pretrained encoder card's (``efficientnet_lite0``,
+    ``timm:<name>``) pixels -> features. Anything else is a clear error."""
     if not isinstance(teacher, (str, Path)):
-        raise DataError(f"a latent teacher must be a gmcert model directory, got {type(teacher).__name__}")
-    from gmcert.inputs import load_model
+        raise DataError(f"a latent teacher must be a gmcert model directory or an encoder card, got "
+                        f"{type(teacher).__name__}")
+    if Path(teacher).is_dir():
+        from gmcert.inputs import load_model
 
-    pipeline = load_model(teacher, device=device)
-    if tuple(pipeline.input_shape_) != tuple(input_shape):
-        raise DataError(f"teacher {teacher} takes inputs of shape {tuple(pipeline.input_shape_)}, the training data "
-                        f"has {tuple(input_shape)}")
-    module = nn.Sequential(pipeline.encoder, pipeline.projection.to_torch()).to(device).eval()
+        pipeline = load_model(teacher, device=device)
+        if tuple(pipeline.input_shape_) != tuple(input_shape):
+            raise DataError(f"teacher {teacher} takes inputs of shape {tuple(pipeline.input_shape_)}, the training "
+                            f"data has {tuple(input_shape)}")
+        module = nn.Sequential(pipeline.encoder, pipeline.projection.to_torch())
+    else:
+        from gmcert.encoders.cards import load_card, load_encoder
+
+        card = load_card(teacher)
+        if card.input_size[0] != input_shape[0]:
+            raise DataError(f"teacher {teacher} takes {card.input_size[0]}-channel images, the training data has "
+                            f"{input_shape[0]}")
+        module = load_encoder(card, pretrained=True)
+    module = module.to(device).eval()
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     return module
