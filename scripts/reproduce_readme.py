@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         _section("A Lipschitz student: `gmcert train --student lipschitz`, then `gmcert compare --smoothing-model "
                  "runs/trained`", lipschitz / "compare",
                  "digits -> gmcert_lipnet (orthogonal linear layers, GroupSort; Lipschitz bound from its stored "
-                 "weights about 1.000002) -> tied isotropic GM head: the `gm-exact` row is a sound `bound` from one "
+                 "weights, printed by `train` and in the benchmark below) -> tied isotropic GM head: the `gm-exact` row is a sound `bound` from one "
                  "forward pass; the smoothing rows smooth the noise-trained base above on the same inputs."),
         "![certified accuracy, Lipschitz student](docs/compare-lipschitz.png)", "",
         "### One pass against smoothing: `python scripts/bench_lipschitz.py`", "",

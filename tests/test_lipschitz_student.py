@@ -173,3 +173,14 @@ def test_a_smoothing_model_for_other_inputs_is_refused(student, tmp_path, capsys
     assert not (tmp_path / "cmp").exists()
     with pytest.raises(DataError):
         TrainConfig(method="margin", student="standard")
+
+
+def test_a_smoothing_model_trained_on_the_compared_inputs_is_refused(student, tmp_path, capsys):
+    """Another --seed holds out other images: smoothing it on --model's held-out split would certify
+    images it was trained on."""
+    assert main(["train", "--limit", str(LIMIT), "--epochs", "1", "--seed", "5", "--out", str(tmp_path / "other")]) == 0
+    capsys.readouterr()
+    assert main(["compare", "--model", str(student["out"]), "--smoothing-model", str(tmp_path / "other"),
+                 "--out", str(tmp_path / "cmp"), "--cache-dir", ""]) == 2
+    assert "was trained on some of the inputs being compared" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
