@@ -13,7 +13,7 @@ LAYERS = {
     "gmcert": 0, "gmcert.errors": 0, "gmcert.results": 0, "gmcert.atomic": 0,
     "gmcert.latent": 1, "gmcert.mismatch": 1, "gmcert.smoothing": 1, "gmcert.smoothing.stats": 1,
     "gmcert.smoothing.sequential": 1, "gmcert.smoothing.serialized": 1,
-    "gmcert.data": 2, "gmcert.encoders": 2, "gmcert.head": 2, "gmcert.smoothing.smoother": 2,
+    "gmcert.data": 2, "gmcert.encoders": 2, "gmcert.head": 2, "gmcert.smoothing.smoother": 2, "gmcert.smoothing.srs": 2,
     "gmcert.pipeline": 3, "gmcert.report": 3,
     "gmcert.hybrid": 4, "gmcert.compare": 4, "gmcert.inputs": 4, "gmcert.train": 4, "gmcert.train.command": 5,
     "gmcert.cli": 5, "gmcert.__main__": 5,

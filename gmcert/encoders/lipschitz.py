@@ -85,6 +85,9 @@ def _ops(m, name):
         return sub("resize") + [_Op("normalize", f"{name}.normalize", m)] + sub("network")
     if t is nn.Sequential:
         return [o for n, c in m.named_children() for o in _ops(c, f"{name}.{n}")]
+    if type(m).__name__ == "DEQNet":
+        raise LipschitzUnsupportedError(f"{name} is a deep-equilibrium encoder: no sound bound covers a solve's "
+                                        "error; certify it by smoothing (gmcert compare --methods cohen,sequential)")
     if t is SmallCNN:
         return sub("features", "pool", "flatten", "classifier")
     if t is LipschitzMLP:

@@ -230,6 +230,12 @@ class Smoother:
                            samples=n0 + n, stop_reason="fixed_n",
                            time=time.perf_counter() - start, extra={"p_lower": p_lower, "n_a": n_a})
 
+    def certify_serialized(self, x, n0, n, alpha, steps=3, warmup_interval=10, audit_size=1000, **kwargs):
+        """CERTIFY of a deep-equilibrium base by serialized smoothing (:mod:`gmcert.smoothing.srs`)."""
+        from gmcert.smoothing.srs import certify_serialized
+
+        return certify_serialized(self, x, n0, n, alpha, steps, warmup_interval, audit_size, **kwargs)
+
     # -- sequential ----------------------------------------------------------------------------
 
     def certify_sequential(self, x, alpha=0.001, target_radius=None, max_radius=None,

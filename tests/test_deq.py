@@ -1,0 +1,83 @@
+"""Deep-equilibrium encoders and serialized smoothing: a DEQ trains on digits to the issue's bar, its
+warm-started fixed points converge to the cold-start ones as steps grow, and SRS certifies the
+standard DEQ with every evaluation counted, never above what its own counts allow."""
+import numpy as np
+import pytest
+import torch
+
+from gmcert.inputs import load_inputs
+from gmcert.smoothing.serialized import serialized_lower_bound
+from gmcert.train import TrainConfig, train_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on two busy cores spin-wait each other
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def deq(tmp_path_factory):
+    out = tmp_path_factory.mktemp("deq") / "model"
+    pipeline, record = train_model(out, encoder="gmcert_deq", config=TrainConfig(epochs=12, seed=0), device="cpu",
+                                   progress=False)
+    inputs = load_inputs({"data": "digits"}, channels=1)
+    test = np.asarray(pipeline.metadata["test_index"])
+    return {"pipeline": pipeline, "record": record, "x": inputs.x[test], "y": inputs.labels[test]}
+
+
+def test_a_deq_trains_on_digits_to_95_percent(deq):
+    assert deq["record"]["network"]["clean_accuracy"] >= 0.95, deq["record"]["network"]
+    assert deq["record"]["head"]["clean_accuracy"] >= 0.95, deq["record"]["head"]
+
+
+def test_warm_started_fixed_points_converge_to_the_cold_ones(deq):
+    net = deq["pipeline"].encoder.network.eval()
+    x = torch.as_tensor(deq["x"][:16])
+    noisy = x + 0.25 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = (x - 0.5) / 0.5  # the card's normalisation
+        cold = net.forward_features(h)
+        start = net.forward_features((noisy - 0.5) / 0.5)  # a neighbour's fixed point, as in a chain
+        errors = []
+        for steps in (1, 2, 4, 8, 16, 32):
+            net.serial_state, net.serial_steps = start, steps
+            errors.append(float((net.forward_features(h) - cold).flatten(1).norm(dim=1).mean()))
+        net.serial_state = None
+    assert all(b <= a * 1.001 for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 0.05 * errors[0], errors
+
+
+def test_serialized_smoothing_counts_every_evaluation_and_follows_its_bound(deq):
+    pipeline = deq["pipeline"]
+    base = pipeline.torch_module()
+    calls = [0]
+    base.register_forward_hook(lambda module, inputs, output: calls.__setitem__(0, calls[0] + len(inputs[0])))
+    from gmcert.smoothing.smoother import Smoother
+
+    smoother = Smoother(base, num_classes=len(pipeline.head.classes_), sigma=0.25, batch_size=250, seed=0)
+    n0, n, audit = 50, 2000, 300
+    for i in range(3):
+        calls[0] = 0
+        cert = smoother.certify_serialized(torch.as_tensor(deq["x"][i]), n0, n, 0.01, steps=2, warmup_interval=4,
+                                           audit_size=audit)
+        assert cert.samples == calls[0] and n0 + n <= cert.samples <= n0 + n + audit
+        extra = cert.extra
+        p_lower, d_up = serialized_lower_bound(extra["n_a"], extra["audit_disagreements"], n, audit, 0.01)
+        assert extra["disagreements_upper"] == int(d_up[0]) >= extra["audit_disagreements"]
+        assert extra["p_lower"] == pytest.approx(float(p_lower[0]))
+        assert cert.prediction == -1 or cert.prediction in pipeline.head.classes_
+        # cold solves are 30 steps, warm ones 2: the chain spent far fewer than a cold chain would
+        assert extra["solver_steps"] < 30 * (n0 + n + audit)
+    assert not any(m.serial_state is not None for m in base.modules() if hasattr(m, "serial_state"))
+
+
+def test_serialized_smoothing_needs_a_deq(deq):
+    from gmcert.errors import DataError
+    from gmcert.smoothing.smoother import Smoother
+
+    smoother = Smoother(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3)), num_classes=3, sigma=0.25)
+    with pytest.raises(DataError, match="deep-equilibrium"):
+        smoother.certify_serialized(torch.rand(1, 8, 8), 10, 100, 0.01, audit_size=10)
