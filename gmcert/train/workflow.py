@@ -44,7 +44,9 @@ def build_student(encoder: str, n_classes: int, input_size=None, pretrained=None
     init), so the same arguments give the same student whatever torch's global random state.
     ``lipschitz``: the network's linear layers are kept orthogonal while training (PyTorch's own
     ``parametrizations.orthogonal``: exact orthogonality up to rounding, no extra dependency; the
-    certificate never trusts it, it bounds the stored weights) and the student gets class centres
+    Lipschitz-layer libraries deel-torchlip and orthogonium would add one for layers this MLP does
+    not need, and the certificate never trusts any of them: it bounds the stored weights by SVD)
+    and the student gets class centres
     in latent space (``centers``), what the margin objective and its predictions use.
     """
     from gmcert.encoders.cards import Encoder, _build, load_card
