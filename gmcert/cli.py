@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "with --max-samples draws would give (default 0.03)")
     comp.add_argument("--n-inputs", type=int, default=6, help="held-out inputs to certify (default 6)")
     comp.add_argument("--estimate", action="store_true", help="also show CLEVER-estimated GM radii (not sound)")
+    comp.add_argument("--srs", default="1,3", metavar="STEPS",
+                      help="method srs (serialized smoothing of a DEQ, at each Cohen n): solver steps per warm solve")
+    comp.add_argument("--warmup-interval", type=int, default=10, help="srs: a cold batch every this many")
+    comp.add_argument("--audit-size", type=int, default=1000, help="srs: chain samples re-solved cold")
     comp.add_argument("--smoothing-model", default=None,
                       help="smooth this model (e.g. a noise-trained base) on the same inputs, beside --model's "
                            "closed form")
@@ -337,15 +341,13 @@ def cmd_diagnose(args) -> int:
 def cmd_compare(args) -> int:
     from gmcert.compare import CompareConfig, check_run_dir, run_compare
 
-    try:
-        cohen_n = [int(float(n)) for n in args.cohen_n.split(",") if n.strip()]
-    except (ValueError, OverflowError):
-        raise DataError(f"--cohen-n must be comma-separated integers like 1e3,1e4, got {args.cohen_n!r}") from None
+    cohen_n = _integers(args.cohen_n, "--cohen-n")
     radii = args.radii if args.radii is not None else list(np.linspace(0, 2 * args.sigma, 9))
     config = CompareConfig(methods=[m.strip() for m in args.methods.split(",") if m.strip()], sigma=args.sigma,
                            alpha=args.alpha, radii=[float(r) for r in radii], cohen_n=cohen_n, n0=args.n0,
                            max_samples=args.max_samples, radius_tol=args.radius_tol,
-                           estimate=args.estimate, seed=args.seed,
+                           estimate=args.estimate, seed=args.seed, srs_steps=_integers(args.srs, "--srs"),
+                           warmup_interval=args.warmup_interval, audit_size=args.audit_size,
                            smoothing_model=str(Path(args.smoothing_model).resolve()) if args.smoothing_model else None)
     pipeline = load_model(args.model, device=args.device, cache_dir=args.cache_dir or None)
     smoothed = None
@@ -374,6 +376,13 @@ def cmd_compare(args) -> int:
     print((out / "summary.md").read_text())
     print(f"wrote {out}/<method>.tsv, summary.json, summary.md, certified_accuracy.png, samples.png")
     return 0 if record else 1
+
+
+def _integers(text: str, option: str) -> list[int]:
+    try:
+        return [int(float(n)) for n in text.split(",") if n.strip()]
+    except (ValueError, OverflowError):
+        raise DataError(f"{option} must be comma-separated integers like 1e3,1e4, got {text!r}") from None
 
 
 def _accuracy_table(radii, latent_acc, input_acc, kind) -> str:

@@ -28,7 +28,7 @@ from gmcert.report import (
     write_text_atomic,
 )
 
-METHODS = ("gm-exact", "gm-closed", "cohen", "sequential")
+METHODS = ("gm-exact", "gm-closed", "cohen", "sequential", "srs")
 N_PILOT = 32  # the sequential smoother's pilot draws (``Smoother.certify_sequential``'s default)
 
 
@@ -49,6 +49,11 @@ class CompareConfig:
     batch_size: int = 250
     #: smooth another model (a noise-trained base) on the same inputs, beside this one's closed form
     smoothing_model: str | None = None
+    #: serialized smoothing of a DEQ base (method "srs"): solver steps per warm solve (one row each),
+    #: a full cold batch every ``warmup_interval`` batches, ``audit_size`` chain samples re-solved cold
+    srs_steps: list = field(default_factory=lambda: [1, 3])
+    warmup_interval: int = 10
+    audit_size: int = 1000
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -67,14 +72,21 @@ class CompareConfig:
         if "sequential" in self.methods and not self.max_samples > N_PILOT:
             raise DataError(f"max_samples ({self.max_samples}) must exceed the sequential smoother's "
                             f"{N_PILOT} pilot draws")
+        if "srs" in self.methods and not (self.srs_steps and min(self.srs_steps) >= 1 and self.warmup_interval >= 1
+                                          and 0 <= self.audit_size <= min(int(n) for n in self.cohen_n)):
+            raise DataError(f"srs needs steps >= 1, warmup_interval >= 1 and 0 <= audit_size <= every Cohen n; got "
+                            f"{self.srs_steps}, {self.warmup_interval}, {self.audit_size}, {self.cohen_n}")
         if not (math.isfinite(self.radius_tol) and self.radius_tol > 0):
             raise DataError(f"radius_tol must be a positive number (in units of sigma), got {self.radius_tol}")
 
     def method_names(self) -> list[str]:
         names, other = [], f"-of-{Path(self.smoothing_model).name}" if self.smoothing_model else ""
         for method in self.methods:
-            names += [f"cohen-n{int(n)}{other}" for n in self.cohen_n] if method == "cohen" else \
-                [method if method.startswith("gm-") else method + other]
+            if method in ("cohen", "srs"):
+                names += [f"cohen-n{int(n)}{other}" for n in self.cohen_n] if method == "cohen" else \
+                    [f"srs{int(k)}-n{int(n)}{other}" for n in self.cohen_n for k in self.srs_steps]
+            else:
+                names.append(method if method.startswith("gm-") else method + other)
             if self.estimate and method.startswith("gm-"):
                 names.append(f"{method}-estimate")  # drawn as its own, dashed curve: not a certificate
         return names
@@ -102,7 +114,12 @@ def _run_method(name, pipeline, smoother, x, config, smoothed=None):
         return pipeline.certify(x[None], method=method, lipschitz=lipschitz)[0]
     start = time.perf_counter()
     image = torch.as_tensor(x, dtype=torch.float32)
-    if name.startswith("cohen-n"):
+    if name.startswith("srs"):  # "srs<steps>-n<n>[-of-<model>]"
+        steps, n = (int(v) for v in name[len("srs"):].split("-of-")[0].split("-n"))
+        cert = smoother.certify_serialized(image, n0=config.n0, n=n, alpha=config.alpha, steps=steps,
+                                           warmup_interval=config.warmup_interval, audit_size=config.audit_size,
+                                           batch_size=config.batch_size)
+    elif name.startswith("cohen-n"):
         n = int(name[len("cohen-n"):].split("-of-")[0])  # "cohen-n1000" or "cohen-n1000-of-<model>"
         cert = smoother.certify(image, n0=config.n0, n=n, alpha=config.alpha, batch_size=config.batch_size)
     else:

@@ -81,3 +81,25 @@ def test_serialized_smoothing_needs_a_deq(deq):
     smoother = Smoother(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3)), num_classes=3, sigma=0.25)
     with pytest.raises(DataError, match="deep-equilibrium"):
         smoother.certify_serialized(torch.rand(1, 8, 8), 10, 100, 0.01, audit_size=10)
+
+
+def test_compare_runs_serialized_smoothing_on_a_deq(deq, tmp_path, capsys):
+    import json
+    import shutil
+
+    from gmcert.cli import main
+    from gmcert.report import read_tsv
+
+    model = tmp_path / "deq"
+    shutil.copytree(deq["pipeline"].bundled_files["encoder.toml"].parent, model)
+    args = ["compare", "--model", str(model), "--methods", "cohen,srs", "--cohen-n", "600", "--srs", "1,2",
+            "--audit-size", "100", "--n-inputs", "2", "--cache-dir", ""]
+    assert main(args) == 0
+    summary = json.loads((model / "compare" / "summary.json").read_text())
+    assert set(summary["methods"]) == {"cohen-n600", "srs1-n600", "srs2-n600"}
+    rows = read_tsv(model / "compare" / "srs1-n600.tsv")
+    assert all(r["stop_reason"].startswith("serialized:solver_steps=") for r in rows)
+    capsys.readouterr()
+    assert main([*args[:-6], "--audit-size", "700", "--n-inputs", "2", "--cache-dir", "",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "audit_size <= every Cohen n" in capsys.readouterr().err and not (tmp_path / "bad").exists()

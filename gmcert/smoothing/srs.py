@@ -90,6 +90,8 @@ def certify_serialized(smoother, x, n0: int, n: int, alpha: float, steps: int = 
     p_lower, d_up = float(p_lower[0]), int(d_up[0])
     prediction, radius = (ABSTAIN, 0.0) if p_lower < 0.5 else (c_a, smoother.sigma * float(ndtri(p_lower)))
     return Certificate(prediction, radius, "probabilistic", "smoothing", samples=int(n0) + int(n) + audited,
-                       stop_reason="serialized", time=time.perf_counter() - start,
+                       # the TSV's stop_reason column carries the chain's own figures
+                       stop_reason=f"serialized:solver_steps={evaluations[0]},audit={disagreements}/{audited},"
+                                   f"d_upper={d_up}", time=time.perf_counter() - start,
                        extra={"p_lower": p_lower, "n_a": n_a, "solver_steps": evaluations[0],
                               "audit_disagreements": disagreements, "disagreements_upper": d_up})

@@ -149,9 +149,11 @@ def train_model(out, data: str = "digits", encoder: str | None = None, input_siz
         raise
     if record["epochs_done"] < config.epochs:
         return None, record
-    pipeline = _finish(out, staging, student, inputs, classes, train, test, config, record, n_components, device)
+    _finish(out, staging, student, inputs, classes, train, test, config, record, n_components, device)
     shutil.rmtree(staging, ignore_errors=True)
-    return pipeline, record
+    from gmcert.pipeline import Pipeline
+
+    return Pipeline.load(out, device=device), record  # its files where they now live, not in the staging folder
 
 
 def _finish(out, staging, student, inputs, classes, train, test, config, record, n_components, device):
