@@ -20,12 +20,7 @@ from gmcert.train import TrainConfig, train_model
 LIMIT = 600  # the first 600 digits: every class, seconds of training
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads on two busy cores spin-wait each other
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.special import log_softmax
 from torch import nn
 
+from attacks import attack, float64_module
 from gmcert.cli import main
 from gmcert.encoders.cards import CARDS_DIR
 from gmcert.errors import DataError, ModelFileError
@@ -29,13 +30,7 @@ SIGMA = 0.5
 MODEL_FILES = {"pipeline.json", "encoder.toml", "encoder.safetensors", "train.json", "training_curves.png"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # Two torch threads on two busy cores spin-wait each other: 8 tiny epochs took 25 s, not 0.2 s.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _templates(n, classes=4, size=8, seed=0):
@@ -221,6 +216,10 @@ def test_trained_model_certifies_and_compares(trained):
     assert all(np.isfinite(c.radius) and c.radius >= 0 for c in certs) and max(c.radius for c in certs) > 0
     accuracy = np.mean([c.prediction == label for c, label in zip(certs, y)])
     assert accuracy >= 0.75
+    # an attack on the float64 model inside every reported radius changes no prediction
+    radius, pred = np.array([c.radius for c in certs]), np.array([c.prediction for c in certs])
+    index = torch.as_tensor(np.searchsorted(pipeline.head.classes_, pred))
+    assert not attack(float64_module(pipeline), x, index, radius * 0.999, steps=40, starts=3).any()
     assert main(["certify", "--model", str(out), "--cache-dir", ""]) == 0
     assert (out / "certify.tsv").is_file()
     assert main(["compare", "--model", str(out), "--n-inputs", "3", "--cohen-n", "200", "--max-samples", "300",

@@ -14,6 +14,8 @@ import torch
 from timm.models import register_model
 from torch import nn
 
+from gmcert.encoders.small import TimmModel, built
+
 SOLVERS = ("anderson", "broyden", "fixed_point_iter")
 
 
@@ -30,7 +32,7 @@ class DEQCell(nn.Module):
         return self.norm3(torch.relu(z + y + u))
 
 
-class DEQNet(nn.Module):
+class DEQNet(TimmModel):
     """Stem -> fixed point of :class:`DEQCell` -> 4x4 average pool -> classifier (timm's model API)."""
 
     def __init__(self, in_chans=1, num_classes=1000, width=16, solver="anderson", max_iter=30, tol=1e-3,
@@ -77,28 +79,9 @@ class DEQNet(nn.Module):
         self.last_state, self.last_steps = z.detach(), calls[0]
         return z
 
-    def forward_head(self, x, pre_logits: bool = False):
-        x = self.flatten(self.pool(x))
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self):
-        return self.classifier
-
-    def reset_classifier(self, num_classes: int, *args, **kwargs):
-        self.num_classes = int(num_classes)
-        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
 
 @register_model
 def gmcert_deq(pretrained=False, in_chans=1, num_classes=1000, **_timm_kwargs):
     """A single-scale convolutional DEQ, 16 channels: 30 Anderson steps from a cold start (12 in training)."""
-    if pretrained:
-        raise ValueError("gmcert_deq has no pretrained weights: train it with `gmcert train --encoder gmcert_deq`")
-    model = DEQNet(in_chans=in_chans, num_classes=num_classes)
-    model.pretrained_cfg = model.default_cfg = {
-        "architecture": "gmcert_deq", "tag": "", "input_size": (in_chans, 8, 8), "mean": (0.5,) * in_chans,
-        "std": (0.5,) * in_chans, "interpolation": "bilinear", "num_classes": num_classes}
-    return model
+    return built(DEQNet(in_chans=in_chans, num_classes=num_classes), "gmcert_deq", pretrained, in_chans, 0.5,
+                 "train it with `gmcert train --encoder gmcert_deq`")

@@ -21,7 +21,38 @@ from torch import nn
 WIDTHS = {"gmcert_cnn": (32, 64, 128), "gmcert_cnn_tiny": (8, 16, 32)}
 
 
-class SmallCNN(nn.Module):
+class TimmModel(nn.Module):
+    """timm's model API (``num_features``, ``forward_head``, ``get_classifier``, ``reset_classifier``)
+    over a subclass's ``forward_features``; ``pool`` (then ``flatten``) makes the features a vector,
+    or is None when they already are one."""
+
+    def forward_head(self, x, pre_logits: bool = False):
+        if getattr(self, "pool", None) is not None:
+            x = self.flatten(self.pool(x))
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self):
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int, *args, **kwargs):
+        self.num_classes = int(num_classes)
+        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def built(model, name, pretrained, in_chans, std, hint):
+    """``model`` with the pretrained_cfg timm expects; these architectures have no pretrained weights."""
+    if pretrained:
+        raise ValueError(f"{name} has no pretrained weights: {hint}")
+    model.pretrained_cfg = model.default_cfg = {
+        "architecture": name, "tag": "", "input_size": (in_chans, 8, 8), "mean": (0.5,) * in_chans,
+        "std": (std,) * in_chans, "interpolation": "bilinear", "num_classes": model.num_classes}
+    return model
+
+
+class SmallCNN(TimmModel):
     """Three conv-BN-ReLU stages (the last two strided by 2), global average pool, linear classifier."""
 
     def __init__(self, widths=(32, 64, 128), in_chans: int = 3, num_classes: int = 1000):
@@ -41,29 +72,10 @@ class SmallCNN(nn.Module):
     def forward_features(self, x):
         return self.features(x)
 
-    def forward_head(self, x, pre_logits: bool = False):
-        x = self.flatten(self.pool(x))
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self):
-        return self.classifier
-
-    def reset_classifier(self, num_classes: int, *args, **kwargs):
-        self.num_classes = int(num_classes)
-        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
 
 def _create(name, pretrained=False, in_chans=3, num_classes=1000, **_timm_kwargs):
-    if pretrained:
-        raise ValueError(f"{name} has no pretrained weights: train it with `gmcert train`")
-    model = SmallCNN(WIDTHS[name], in_chans=in_chans, num_classes=num_classes)
-    model.pretrained_cfg = model.default_cfg = {
-        "architecture": name, "tag": "", "input_size": (in_chans, 8, 8), "mean": (0.5,) * in_chans,
-        "std": (0.5,) * in_chans, "interpolation": "bilinear", "num_classes": num_classes}
-    return model
+    return built(SmallCNN(WIDTHS[name], in_chans=in_chans, num_classes=num_classes), name, pretrained, in_chans, 0.5,
+                 "train it with `gmcert train`")
 
 
 @register_model
@@ -87,7 +99,7 @@ class GroupSort(nn.Module):
         return torch.stack((torch.maximum(a, b), torch.minimum(a, b)), dim=2).flatten(1, 2)
 
 
-class LipschitzMLP(nn.Module):
+class LipschitzMLP(TimmModel):
     """Flatten -> (linear -> GroupSort) x depth -> linear to ``latent_dim``; trained with orthogonal
     weights (``gmcert.train``), so every layer has spectral norm 1 and the whole map is 1-Lipschitz.
     Its certificates never rely on that promise: :mod:`gmcert.encoders.lipschitz` bounds the stored
@@ -113,19 +125,6 @@ class LipschitzMLP(nn.Module):
                             "keep the card's input size")
         return self.layers(self.flatten(x))
 
-    def forward_head(self, x, pre_logits: bool = False):
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self):
-        return self.classifier
-
-    def reset_classifier(self, num_classes: int, *args, **kwargs):
-        self.num_classes = int(num_classes)
-        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def lipschitz_layers(self):
         """The linear layers that training keeps orthogonal (the classifier is not part of the encoder)."""
         return [m for m in self.layers if isinstance(m, nn.Linear)]
@@ -134,10 +133,5 @@ class LipschitzMLP(nn.Module):
 @register_model
 def gmcert_lipmlp(pretrained=False, in_chans=1, num_classes=1000, **_timm_kwargs):
     """1x8x8 -> 256 -> 256 -> 256 -> 64 latents, 1-Lipschitz when trained by `gmcert train --student lipschitz`."""
-    if pretrained:
-        raise ValueError("gmcert_lipmlp has no pretrained weights: train it with `gmcert train --student lipschitz`")
-    model = LipschitzMLP(in_chans=in_chans, num_classes=num_classes)
-    model.pretrained_cfg = model.default_cfg = {
-        "architecture": "gmcert_lipmlp", "tag": "", "input_size": (in_chans, 8, 8), "mean": (0.5,) * in_chans,
-        "std": (1.0,) * in_chans, "interpolation": "bilinear", "num_classes": num_classes}
-    return model
+    return built(LipschitzMLP(in_chans=in_chans, num_classes=num_classes), "gmcert_lipmlp", pretrained, in_chans, 1.0,
+                 "train it with `gmcert train --student lipschitz`")
