@@ -26,6 +26,14 @@ class _HalfScores(nn.Module):
         return self.module(x) / 2
 
 
+def _frozen(module, device) -> nn.Module:
+    """On ``device``, in eval mode, and out of every gradient: a teacher is never trained."""
+    module = module.to(device).eval()
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    return module
+
+
 def load_teacher(teacher, classes, input_shape, device) -> nn.Module:
     """The frozen teacher (eval mode, no gradients) on ``device``.
 
@@ -62,9 +70,7 @@ def load_teacher(teacher, classes, input_shape, device) -> nn.Module:
         module, where = teacher, f"teacher {type(teacher).__name__}"
     else:
         raise DataError(f"a teacher must be a gmcert model directory or a torch module, got {type(teacher).__name__}")
-    module = module.to(device).eval()
-    for parameter in module.parameters():
-        parameter.requires_grad_(False)
+    module = _frozen(module, device)
     try:
         with torch.no_grad():
             out = module(torch.zeros((1, *input_shape), device=device))
@@ -100,7 +106,5 @@ def load_latent_teacher(teacher, input_shape, device) -> nn.Module:
             raise DataError(f"teacher {teacher} takes {card.input_size[0]}-channel images, the training data has "
                             f"{input_shape[0]}")
         module = load_encoder(card, pretrained=True)
-    module = module.to(device).eval()
-    for parameter in module.parameters():
-        parameter.requires_grad_(False)
+    module = _frozen(module, device)
     return module
