@@ -92,11 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(cert, "npz with z (n, d) and y (n,) (models fitted with --latents)")
     cert.add_argument("--model", default=DEFAULT_MODEL)
     cert.add_argument("--out", default=None, help="TSV path (default <model>/certify.tsv)")
-    cert.add_argument("--method", choices=["exact", "closed_form"], default="exact")
+    cert.add_argument("--method", choices=["exact", "closed_form", "smoothing"], default="exact",
+                      help="closed form (exact: the dual solver; closed_form: the fast bound) or smoothing only "
+                           "(Cohen's CERTIFY at --n, for encoders the closed form cannot serve, such as DEQs)")
     cert.add_argument("--lipschitz", choices=["auto", "bound", "estimate"], default="auto",
                       help="input-radius kind for deep encoders: sound 'bound' (default) or a CLEVER 'estimate'")
     cert.add_argument("--radii", type=_radii, default=_radii(DEFAULT_RADII))
     _add_fallback_args(cert)
+    cert.add_argument("--n0", type=int, default=100, help="--method smoothing: selection draws (default 100)")
+    cert.add_argument("--n", type=int, default=10_000, help="--method smoothing: counted draws (default 10000)")
+    cert.add_argument("--serialized", action="store_true",
+                      help="--method smoothing of a DEQ: draw the counted samples by serialized smoothing (SRS)")
+    cert.add_argument("--steps", type=int, default=3, help="--serialized: solver steps per warm solve (default 3)")
+    cert.add_argument("--warmup-interval", type=int, default=10, help="--serialized: a cold batch every this many")
+    cert.add_argument("--audit-size", type=int, default=1000, help="--serialized: chain samples re-solved cold")
 
     diag = sub.add_parser("diagnose", help="measure how far the latents are from the fitted mixture")
     _add_data_args(diag, "npz with z (n, d) and y (n,)")
@@ -223,6 +232,10 @@ def cmd_certify(args) -> int:
     if args.fallback != "none":
         args.policy = _fallback_policy(args)
     inputs, index = model_inputs(args, pipeline, "test")
+    if args.method == "smoothing" and args.fallback != "none":
+        raise DataError("--method smoothing certifies every input by smoothing: it takes no --fallback")
+    if args.serialized and args.method != "smoothing":
+        raise DataError("--serialized draws smoothing samples: use it with --method smoothing")
     if args.calibrate and args.fallback == "none":
         raise DataError("--calibrate chooses the routing threshold of --fallback smoothing")
     out = Path(args.out) if args.out else Path(args.model) / "certify.tsv"
@@ -240,8 +253,8 @@ def cmd_certify(args) -> int:
     part = inputs.subset(todo)
     # one bar per running job: the closed form shows its encoder pass's bar; rows that arrive one by
     # one (smoothing) show this one; neither for a moment's work
-    with tqdm(total=len(todo), desc="certify", unit="input", disable=len(todo) < 2 or args.fallback == "none",
-              delay=2) as bar:
+    one_by_one = args.fallback != "none" or args.method == "smoothing"
+    with tqdm(total=len(todo), desc="certify", unit="input", disable=len(todo) < 2 or not one_by_one, delay=2) as bar:
         for i, label, cert in zip(index[todo], part.labels, _certify(args, pipeline, part, index[todo])):
             writer.write(certificate_row(i, label, cert))
             bar.update(1)
@@ -260,13 +273,21 @@ def cmd_certify(args) -> int:
     print(f"wrote {out} and {out.with_suffix('.json')} ({len(rows)} inputs; radius kinds: {kinds})")
     print(f"clean accuracy: {summary['clean_accuracy']:.4f}   average certified radius: "
           f"{summary['average_certified_radius']:.4g}")
-    print(_accuracy_table(args.radii, summary["latent_certified_accuracy"], summary["certified_accuracy"],
+    print(_accuracy_table(args.radii, None if args.method == "smoothing" else summary["latent_certified_accuracy"],
+                          summary["certified_accuracy"],
                           "/".join(summary["rows_by_radius_kind"])))
     return 0
 
 
 def _certify(args, pipeline, inputs, seeds):
     """Certificates in input order; smoothing ones arrive one by one, so rows are written as they come."""
+    if args.method == "smoothing":
+        from gmcert.hybrid import iter_certify_smoothing
+
+        serialized = {"steps": args.steps, "warmup_interval": args.warmup_interval,
+                      "audit_size": args.audit_size} if args.serialized else None
+        return iter_certify_smoothing(pipeline, inputs.x, args.sigma, args.alpha, args.n0, args.n, args.seed, seeds,
+                                      serialized)
     if args.fallback == "none":
         return pipeline.certify(inputs.x, method=args.method, lipschitz=args.lipschitz,
                                 dataset_identity=inputs.identity)
@@ -386,8 +407,11 @@ def _integers(text: str, option: str) -> list[int]:
 
 
 def _accuracy_table(radii, latent_acc, input_acc, kind) -> str:
-    lines = [f"{'radius':>8}  {'certified acc (latent)':>22}  {'certified acc (input, ' + kind + ')':>30}"]
-    lines += [f"{r:>8.3g}  {a:>22.4f}  {b:>30.4f}" for r, a, b in zip(radii, latent_acc, input_acc)]
+    """Certified accuracy per radius; ``latent_acc`` None: smoothing only, no latent column."""
+    latent = f"  {'certified acc (latent)':>22}" if latent_acc is not None else ""
+    lines = [f"{'radius':>8}{latent}  {'certified acc (input, ' + kind + ')':>30}"]
+    lines += [f"{r:>8.3g}" + (f"  {a:>22.4f}" if latent else "") + f"  {b:>30.4f}"
+              for r, a, b in zip(radii, latent_acc if latent else input_acc, input_acc)]
     return "\n".join(lines)
 
 

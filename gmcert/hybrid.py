@@ -300,3 +300,24 @@ def choose_route_threshold(pipeline, X_cal, y_cal, policy: FallbackPolicy, candi
         if score > best_score:
             best, best_score = tau, score
     return best
+
+
+def iter_certify_smoothing(pipeline, X, sigma: float, alpha: float, n0: int, n: int, seed: int = 0, seeds=None,
+                           serialized: dict | None = None):
+    """Yield Cohen's CERTIFY (fixed n) of the pipeline's smoothed classifier for each input of ``X``,
+    with no closed form: for encoders it cannot serve (deep equilibrium models).
+
+    ``serialized``: keyword arguments of :meth:`Smoother.certify_serialized` (``steps``,
+    ``warmup_interval``, ``audit_size``) to draw the counted samples by serialized smoothing; the
+    classifier certified is still the standard DEQ's. Each input's generator is reseeded from
+    ``seed + seeds[i]`` (default ``seed + i``), so a resumed run reproduces an uninterrupted one.
+    """
+    import torch
+
+    smoother = pipeline.smoother(sigma, seed)
+    for i, x in enumerate(X):
+        smoother.reseed(seed + int(seeds[i] if seeds is not None else i))
+        image = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+        cert = smoother.certify_serialized(image, n0, n, alpha, **serialized) if serialized is not None \
+            else smoother.certify(image, n0, n, alpha)
+        yield pipeline.label_smoothed(cert)

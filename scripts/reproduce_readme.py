@@ -1,6 +1,6 @@
 """Regenerate the README's results section from a real run on the embedded default.
 
-    python scripts/reproduce_readme.py   # fit and train (if needed), compare, bench_train; rewrite README + docs/*.png
+    python scripts/reproduce_readme.py   # fit and train (if needed), compare, bench_train, bench_lipschitz, bench_srs; rewrite README + docs/*.png
 
 Every number in the section comes from this script's run; none is typed by hand.
 """
@@ -41,7 +41,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=str(ROOT / "runs"))
     parser.add_argument("--readme", default=str(ROOT / "README.md"))
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep each benchmark's summary.md from an earlier run of this script (compares resume)")
     args = parser.parse_args(argv)
+
+    def bench(script, out) -> bool:
+        """Run ``scripts/<script>`` into ``out``; True on success (or a kept summary under --reuse)."""
+        if args.reuse and (out / "summary.md").is_file():
+            return True
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--out", str(out)]).returncode == 0
+
     runs = Path(args.runs)
     default, raw = runs / "default", runs / "raw-pixels"
     if not (default / "pipeline.json").is_file() and gmcert(["fit", "--out", str(default)]) != 0:
@@ -58,8 +67,8 @@ def main(argv=None) -> int:
         return 1
     if gmcert(["compare", "--model", str(trained), "--out", str(trained / "compare"), *TRAINED_COMPARE]) != 0:
         return 1
-    bench = runs / "bench-train"
-    if subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--out", str(bench)]).returncode:
+    bench_train = runs / "bench-train"
+    if not bench("bench_train.py", bench_train):
         return 1
     record = json.loads((trained / "train.json").read_text())
     lipschitz = runs / "lipschitz"
@@ -70,8 +79,10 @@ def main(argv=None) -> int:
                str(lipschitz / "compare"), *TRAINED_COMPARE]) != 0:
         return 1
     bench_lipschitz = runs / "bench-lipschitz"
-    if subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_lipschitz.py"), "--out",
-                       str(bench_lipschitz)]).returncode:
+    if not bench("bench_lipschitz.py", bench_lipschitz):
+        return 1
+    bench_srs = runs / "bench-srs"
+    if not bench("bench_srs.py", bench_srs):
         return 1
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
@@ -110,7 +121,7 @@ def main(argv=None) -> int:
         "![certified accuracy, trained base](docs/compare-trained.png)",
         "![training curves](docs/training-curves.png)", "",
         "### Training methods: `python scripts/bench_train.py`", "",
-        (bench / "summary.md").read_text().strip(), "",
+        (bench_train / "summary.md").read_text().strip(), "",
         _section("A Lipschitz student: `gmcert train --student lipschitz`, then `gmcert compare --smoothing-model "
                  "runs/trained`", lipschitz / "compare",
                  "digits -> gmcert_lipnet (orthogonal linear layers, GroupSort; Lipschitz bound from its stored "
@@ -118,7 +129,9 @@ def main(argv=None) -> int:
                  "forward pass; the smoothing rows smooth the noise-trained base above on the same inputs."),
         "![certified accuracy, Lipschitz student](docs/compare-lipschitz.png)", "",
         "### One pass against smoothing: `python scripts/bench_lipschitz.py`", "",
-        (bench_lipschitz / "summary.md").read_text().strip(),
+        (bench_lipschitz / "summary.md").read_text().strip(), "",
+        "### A DEQ by serialized smoothing: `python scripts/bench_srs.py`", "",
+        (bench_srs / "summary.md").read_text().strip(),
         END,
     ])
     readme = Path(args.readme)

@@ -98,3 +98,74 @@ def test_compare_runs_serialized_smoothing_on_a_deq(deq, tmp_path, capsys):
     assert main([*args[:-6], "--audit-size", "700", "--n-inputs", "2", "--cache-dir", "",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "audit_size <= every Cohen n" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def _model_dir(deq, tmp_path):
+    import shutil
+
+    model = tmp_path / "deq"
+    shutil.copytree(deq["pipeline"].bundled_files["encoder.toml"].parent, model)
+    return model
+
+
+def test_certify_smoothing_serialized_writes_rows_and_resumes(deq, tmp_path, capsys, monkeypatch):
+    import gmcert.hybrid
+    from gmcert.cli import main
+    from gmcert.report import read_tsv
+
+    model = _model_dir(deq, tmp_path)
+    args = ["certify", "--model", str(model), "--method", "smoothing", "--serialized", "--n", "2500", "--n0", "20",
+            "--audit-size", "400", "--steps", "2", "--limit", "3", "--cache-dir", ""]
+    assert main([*args, "--out", str(tmp_path / "full.tsv")]) == 0
+    full = read_tsv(tmp_path / "full.tsv")
+    assert len(full) == 3 and all(r["stop_reason"].startswith("serialized:solver_steps=") for r in full)
+    assert all(r["samples"] > 2520 and r["radius_kind"] == "probabilistic" for r in full)
+    # each row's own figures: solver steps spent (the warm batches' far fewer than a cold solve's) and
+    # the audit's disagreements over the warm samples it re-solved
+    cold = deq["pipeline"].encoder.network.max_iter
+    for r in full:
+        fields = dict(f.split("=") for f in r["stop_reason"].split(":")[1].split(","))
+        audited = int(fields["audit"].split("/")[1])
+        assert 0 < audited < 400 and int(fields["solver_steps"]) < cold * r["samples"]
+    # a run killed after its first row resumes to the same rows
+    real = gmcert.hybrid.iter_certify_smoothing
+
+    def dying(*a, **k):
+        for i, cert in enumerate(real(*a, **k)):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield cert
+
+    monkeypatch.setattr(gmcert.hybrid, "iter_certify_smoothing", dying)
+    assert main([*args, "--out", str(tmp_path / "cut.tsv")]) == 130
+    monkeypatch.setattr(gmcert.hybrid, "iter_certify_smoothing", real)
+    assert main([*args, "--out", str(tmp_path / "cut.tsv")]) == 0
+    again = read_tsv(tmp_path / "cut.tsv")
+    drop = ("time", "latent_radius")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in again] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in full]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--serialized"], "use it with --method smoothing"),
+    (["--method", "smoothing", "--fallback", "smoothing"], "takes no --fallback"),
+    (["--method", "smoothing", "--serialized", "--steps", "0"], "--steps must be a positive integer"),
+])
+def test_certify_smoothing_refuses_bad_use(deq, tmp_path, capsys, extra, message):
+    from gmcert.cli import main
+
+    model = _model_dir(deq, tmp_path)
+    assert main(["certify", "--model", str(model), "--limit", "2", "--cache-dir", "", "--out",
+                 str(tmp_path / "c.tsv"), *extra]) == 2
+    assert message in capsys.readouterr().err and not list(tmp_path.glob("c.*"))
+
+
+def test_certify_serialized_refuses_a_model_without_a_deq(tmp_path, capsys):
+    from gmcert.cli import main
+
+    model = tmp_path / "m"
+    assert main(["fit", "--data", "digits", "--encoder", "identity", "--out", str(model), "--cache-dir", ""]) == 0
+    capsys.readouterr()
+    assert main(["certify", "--model", str(model), "--method", "smoothing", "--serialized", "--n", "100",
+                 "--audit-size", "10", "--limit", "2", "--cache-dir", "", "--out", str(tmp_path / "c.tsv")]) == 2
+    assert "deep-equilibrium" in capsys.readouterr().err and not list(tmp_path.glob("c.*"))
