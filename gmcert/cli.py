@@ -17,6 +17,10 @@ DEFAULT_MODEL = "runs/default"
 DEFAULT_TRAINED = "runs/trained"
 DEFAULT_RADII = "0,0.05,0.1,0.25,0.5,0.75,1,1.5,2"
 DEFAULT_CACHE = str(Path("~/.cache/gmcert/latents").expanduser())
+#: what a certify TSV's rows depend on: a resumed run (or another rank) must share them
+CERTIFY_SETTINGS = ("method", "lipschitz", "fallback", "target_radius", "mismatch_threshold", "route_threshold",
+                    "calibrate", "sigma", "alpha", "max_samples", "seed", "n0", "n_samples", "serialized", "steps",
+                    "warmup_interval", "audit_size", "data", "latents")
 
 
 def _radii(text: str) -> list[float]:
@@ -100,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--radii", type=_radii, default=_radii(DEFAULT_RADII))
     _add_fallback_args(cert)
     cert.add_argument("--n0", type=int, default=100, help="--method smoothing: selection draws (default 100)")
-    cert.add_argument("--n", type=int, default=10_000, help="--method smoothing: counted draws (default 10000)")
+    # not "--n": torchrun's own parser takes "--n" for a prefix of its --nnodes / --nproc-per-node
+    cert.add_argument("--n-samples", type=int, default=10_000,
+                      help="--method smoothing: Cohen's n, the counted draws (default 10000)")
     cert.add_argument("--serialized", action="store_true",
                       help="--method smoothing of a DEQ: draw the counted samples by serialized smoothing (SRS)")
     cert.add_argument("--steps", type=int, default=3, help="--serialized: solver steps per warm solve (default 3)")
@@ -175,8 +181,7 @@ def cmd_fit(args) -> int:
         data = {"data": args.data or "digits"}
     # Everything is checked, fitted and evaluated before the model directory is written.
     check_folder_target(args.out, "--out", owner_file="pipeline.json")
-    inputs = load_inputs(data, channels=None if encoder == "identity" else 3, download=args.download,
-                         limit=args.limit)
+    inputs = load_inputs(data, channels=_encoder_channels(encoder), download=args.download, limit=args.limit)
     train, test = fit_split(inputs.labels, args.test_size, args.seed, args.components_per_class)
     if projection == "pca" and encoder in LINEAR_ENCODERS:
         samples = len(train) * (1 + (args.noise_copies if args.noise_sigma > 0 else 0))
@@ -196,8 +201,13 @@ def cmd_fit(args) -> int:
     print(f"fitting {encoder} -> {projection}{dim} -> {args.covariance_type} Gaussian mixture "
           f"on {len(train)} inputs", file=sys.stderr)
     fit_inputs = inputs.subset(train)
+    from gmcert.distributed import agree, current
+
+    agree({k: v for k, v in vars(args).items() if k not in ("device", "cache_dir")}, "the fit settings")
     pipeline.fit(fit_inputs.x, fit_inputs.labels, dataset_identity=fit_inputs.identity,
-                 noise_sigma=args.noise_sigma, noise_copies=args.noise_copies, random_state=args.seed)
+                 noise_sigma=args.noise_sigma, noise_copies=args.noise_copies, random_state=args.seed, distributed=True)
+    if not current().main:  # under torchrun the ranks encoded their shares; rank 0 evaluates and saves
+        return 0
     pipeline.metadata = {**data, "channels": inputs.channels, "test_index": test.tolist(), "seed": args.seed,
                          "noise_sigma": args.noise_sigma, "noise_copies": args.noise_copies}
     L, kind = pipeline.input_lipschitz()
@@ -223,6 +233,15 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def _encoder_channels(encoder: str):
+    """The channels an encoder takes: its card's (gmcert_cnn: 1), none to convert for raw pixels."""
+    if encoder in ("identity", "none"):
+        return None
+    from gmcert.encoders.cards import load_card
+
+    return load_card(encoder).input_size[0]
+
+
 def cmd_certify(args) -> int:
     from tqdm import tqdm
 
@@ -246,19 +265,33 @@ def cmd_certify(args) -> int:
         check_file_target(path, "--out")
     if args.calibrate:
         _calibrate_route_threshold(args, pipeline)
-    writer = CertifyWriter(out)  # reads a killed run's .partial; creates nothing before the first row
-    todo = np.array([i for i, idx in enumerate(index) if idx not in writer.done], dtype=np.int64)
-    if len(todo) < len(index):
-        print(f"resuming: {len(index) - len(todo)} of {len(index)} inputs already in {writer.partial}", file=sys.stderr)
+    from gmcert.distributed import agree, current, shard
+    from gmcert.distributed.rows import ShardedRows, model_digest
+
+    w = current()
+    settings = {**{k: getattr(args, k) for k in CERTIFY_SETTINGS}, "model": model_digest(args.model)}
+    agree(settings, "the certify settings and model")
+    # every rank appends to its own partial; rows already in any partial are skipped; nothing is
+    # created before the first row
+    writer = ShardedRows(out, settings)
+    todo = np.array([i for i, idx in enumerate(index) if int(idx) not in writer.done], dtype=np.int64)
+    if len(todo) < len(index) and w.main:
+        print(f"resuming: {len(index) - len(todo)} of {len(index)} inputs already in {out}'s partial files",
+              file=sys.stderr)
+    one_by_one = args.fallback != "none" or args.method == "smoothing"
+    todo = shard(todo, w, block=1 if args.method == "smoothing" else pipeline.batch_size)
     part = inputs.subset(todo)
     # one bar per running job: the closed form shows its encoder pass's bar; rows that arrive one by
-    # one (smoothing) show this one; neither for a moment's work
-    one_by_one = args.fallback != "none" or args.method == "smoothing"
-    with tqdm(total=len(todo), desc="certify", unit="input", disable=len(todo) < 2 or not one_by_one, delay=2) as bar:
-        for i, label, cert in zip(index[todo], part.labels, _certify(args, pipeline, part, index[todo])):
+    # one (smoothing) show this one; neither for a moment's work; rank 0's share only
+    with tqdm(total=len(todo), desc="certify", unit="input", disable=len(todo) < 2 or not one_by_one or not w.main,
+              delay=2) as bar:
+        certs = _certify(args, pipeline, part, index[todo]) if len(todo) else []  # a rank may have no share
+        for i, label, cert in zip(index[todo], part.labels, certs):
             writer.write(certificate_row(i, label, cert))
             bar.update(1)
     rows = writer.close()
+    if not w.main:
+        return 0
     summary = summarize(rows, args.radii)
     summary["latent_certified_accuracy"] = certified_accuracy(
         [{**r, "radius": r["latent_radius"] if r["path"] == "closed_form" else 0.0} for r in rows],
@@ -286,7 +319,7 @@ def _certify(args, pipeline, inputs, seeds):
 
         serialized = {"steps": args.steps, "warmup_interval": args.warmup_interval,
                       "audit_size": args.audit_size} if args.serialized else None
-        return iter_certify_smoothing(pipeline, inputs.x, args.sigma, args.alpha, args.n0, args.n, args.seed, seeds,
+        return iter_certify_smoothing(pipeline, inputs.x, args.sigma, args.alpha, args.n0, args.n_samples, args.seed, seeds,
                                       serialized)
     if args.fallback == "none":
         return pipeline.certify(inputs.x, method=args.method, lipschitz=args.lipschitz,
@@ -390,6 +423,17 @@ def cmd_compare(args) -> int:
     out = Path(args.out) if args.out else Path(args.model) / "compare"
     check_folder_target(out, "--out")
     check_run_dir(out, config)
+    from dataclasses import asdict
+
+    from gmcert.distributed import agree, current
+    from gmcert.distributed.rows import model_digest
+
+    agree({**asdict(config), "model": model_digest(args.model),
+           "smoothing_digest": model_digest(args.smoothing_model) if args.smoothing_model else None},
+          "the compare settings and models")
+    if not current().main:
+        run_compare(pipeline, inputs.x, inputs.labels, index, out, config, smoothed=smoothed)
+        return 0
     print(f"comparing {', '.join(config.method_names())} on {len(index)} inputs (sigma={config.sigma}, "
           f"alpha={config.alpha}, n0={config.n0}, sequential budget {config.max_samples}); "
           f"raise --n-inputs / --cohen-n for tighter figures", file=sys.stderr)
@@ -416,19 +460,29 @@ def _accuracy_table(radii, latent_acc, input_acc, kind) -> str:
 
 
 def main(argv=None) -> int:
+    """Run one command; under torchrun every rank runs it (:mod:`gmcert.distributed`). Errors: one
+    line on stderr (rank 0's; other ranks name themselves) and exit 2."""
+    from gmcert.distributed import world
+
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {"fit": cmd_fit, "certify": cmd_certify, "diagnose": cmd_diagnose, "compare": cmd_compare,
                 "train": cmd_train}
+    who = f"gmcert {args.command}"
     try:
         check_arguments(args)
-        return commands[args.command](args)
+        with world(getattr(args, "device", None)) as w:
+            if w.active:
+                who = f"gmcert {args.command}" + (f" (rank {w.rank})" if not w.main else "")
+                if hasattr(args, "device"):
+                    args.device = w.device
+            return commands[args.command](args)
     except GmcertError as err:
         message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
-        print(f"gmcert {args.command}: error: {message}", file=sys.stderr)
+        print(f"{who}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"gmcert {args.command}: interrupted; partial results (if any) are kept for resuming", file=sys.stderr)
+        print(f"{who}: interrupted; partial results (if any) are kept for resuming", file=sys.stderr)
         return 130
 
 

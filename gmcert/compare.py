@@ -136,6 +136,9 @@ def _run_method(name, pipeline, smoother, x, config, smoothed=None):
 def run_compare(pipeline, X, labels, index, out, config: CompareConfig, progress=True, smoothed=None) -> dict:
     """Run every method of ``config`` on inputs ``X`` (with ``labels``, TSV ``index``) into ``out``.
 
+    Under torchrun each rank certifies its share of the inputs and rank 0 merges and reports; the
+    others return None.
+
     ``smoothed``: the pipeline that the smoothing methods smooth (``config.smoothing_model``, loaded and
     checked by the caller); default ``pipeline`` itself.
     """
@@ -143,27 +146,36 @@ def run_compare(pipeline, X, labels, index, out, config: CompareConfig, progress
 
     if len(index) == 0:
         raise DataError("no inputs to compare")
+    from gmcert.distributed import barrier, current, shard
+    from gmcert.distributed.rows import ShardedRows
+
+    w = current()
     out = Path(out)
     check_run_dir(out, config)
-    out.mkdir(parents=True, exist_ok=True)
-    _claim_run_dir(out, config)
+    if w.main:
+        out.mkdir(parents=True, exist_ok=True)
+        _claim_run_dir(out, config)
+    barrier(w)
     names = config.method_names()
-    writers = {name: CertifyWriter(out / f"{name}.tsv") for name in names}
-    todo = {name: [i for i, idx in enumerate(index) if int(idx) not in w.done] for name, w in writers.items()}
+    writers = {name: ShardedRows(out / f"{name}.tsv") for name in names}
+    # each rank takes its share of every method's remaining inputs (the same lists on every rank)
+    todo = {name: shard([i for i, idx in enumerate(index) if int(idx) not in wr.done], w)
+            for name, wr in writers.items()}
     total = sum(len(t) for t in todo.values())
-    with tqdm(total=total, desc="compare", unit="cert", disable=not progress) as bar:
+    with tqdm(total=total, desc="compare", unit="cert", disable=not progress or not w.main) as bar:
         for name in names:
             # A fresh, seeded generator per method: rerunning one method alone gives the same rows.
             smoother = (smoothed or pipeline).smoother(config.sigma, config.seed)
             bar.set_postfix_str(name)
             for i in todo[name]:
-                # Per-input seeds: a resumed run draws the same noise as an uninterrupted one.
+                # Per-input seeds (never the rank's): a resumed or sharded run draws the same noise
+                # as one uninterrupted process.
                 smoother.reseed(config.seed + int(index[i]))
                 cert = _run_method(name, pipeline, smoother, X[i], config, smoothed)
                 writers[name].write(certificate_row(int(index[i]), int(labels[i]), cert))
                 bar.update(1)
     results = {name: writers[name].close() for name in names}
-    return write_reports(results, out, config, pipeline)
+    return write_reports(results, out, config, pipeline) if w.main else None
 
 
 def check_run_dir(out, config: CompareConfig) -> None:

@@ -208,7 +208,7 @@ ARGUMENT_RULES = {
     "limit": _POSITIVE, "dim": _POSITIVE, "noise_copies": _POSITIVE, "components_per_class": _POSITIVE,
     "batch_size": _POSITIVE, "k": _POSITIVE, "bootstrap": _POSITIVE, "q_samples": _POSITIVE,
     "n_inputs": _POSITIVE, "max_samples": _POSITIVE, "n0": _POSITIVE,
-    "n": _POSITIVE, "steps": _POSITIVE, "warmup_interval": _POSITIVE,
+    "n_samples": _POSITIVE, "steps": _POSITIVE, "warmup_interval": _POSITIVE,
     "audit_size": (lambda v: v >= 0, "an integer >= 0"),
     "test_size": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "noise_sigma": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),

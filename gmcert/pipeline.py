@@ -140,8 +140,11 @@ class Pipeline:
 
     # -- fit / predict ---------------------------------------------------------------------
     def fit(self, X, y, dataset_identity: str | None = None, noise_sigma: float = 0.0, noise_copies: int = 1,
-            random_state: int = 0) -> "Pipeline":
+            random_state: int = 0, distributed: bool = False) -> "Pipeline":
         """Encode ``X``, fit the projection on the latents, then the head. Returns self.
+
+        ``distributed``: every rank of a torchrun job calls this with the same arguments, encodes its
+        share of the batches, and fits the same model from the gathered latents.
 
         With ``noise_sigma > 0`` the head also sees ``noise_copies`` Gaussian-noised copies of every
         input (seeded by ``random_state``): Gaussian data augmentation, which makes the pipeline a
@@ -152,7 +155,7 @@ class Pipeline:
 
         if noise_sigma < 0 or not np.isfinite(noise_sigma) or int(noise_copies) < 1:
             raise DataError(f"noise_sigma must be >= 0 and noise_copies >= 1, got {noise_sigma}, {noise_copies}")
-        Z, y = self.raw_latents(X, dataset_identity), np.asarray(y)
+        Z, y = self._fit_latents(X, dataset_identity, distributed), np.asarray(y)
         if noise_sigma > 0:
             rng = np.random.default_rng(random_state)
             X = np.asarray(X, dtype=np.float32)
@@ -160,13 +163,26 @@ class Pipeline:
                                     for _ in range(int(noise_copies))])
             tag = None if dataset_identity is None else \
                 f"{dataset_identity}+gauss(sigma={noise_sigma},copies={noise_copies},seed={random_state})"
-            Z = np.concatenate([Z, self.raw_latents(noisy, tag)])
+            Z = np.concatenate([Z, self._fit_latents(noisy, tag, distributed)])
             y = np.concatenate([y] * (int(noise_copies) + 1))
         self.projection = make_projection(self.projection_kind,
                                           None if self.projection_kind == "none" else self.n_components)
         self.head.fit(self.projection.fit_transform(Z), y)
         self.input_shape_ = tuple(np.shape(X)[1:])
         return self
+
+    def _fit_latents(self, X, dataset_identity, distributed):
+        """``raw_latents(X)``; under torchrun each rank encodes its batches (the batches one process
+        forms, so the same bits) and every rank gets all rows, then fits the same model: gathering
+        the latents serves every head (EM, shrinkage, PCA) where merged sufficient statistics would
+        serve only single-Gaussian heads, at n x d floats of traffic, small next to the encoding."""
+        from gmcert.distributed import all_gather_rows, current, shard
+
+        w = current()
+        if not (distributed and w.active) or self.encoder_name in LINEAR_ENCODERS:
+            return self.raw_latents(X, dataset_identity)
+        mine = shard(np.arange(len(X)), w, block=self.batch_size)
+        return all_gather_rows(mine, self.raw_latents(np.asarray(X)[mine]), len(X), w)
 
     def predict(self, X, dataset_identity: str | None = None) -> np.ndarray:
         return self.head.predict(self.latents(X, dataset_identity))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -77,37 +78,97 @@ def read_tsv(path) -> list[dict]:
     return [_parse_row(header, line.split("\t")) for line in lines[1:] if line]
 
 
-class CertifyWriter:
-    """Append rows to ``<path>.partial``; ``close()`` renames it to ``path``.
+_SETTINGS = "#settings\t"
 
-    With ``resume=True`` an existing ``.partial`` (from a killed run) is kept: ``done`` holds its
-    row indices, and a torn last line is dropped. A finished ``path`` is never appended to.
-    Nothing is created before the first row, so a run that fails before it leaves no file.
+
+def partial_files(path) -> list[Path]:
+    """Every partial of ``path``: one process's ``.partial`` and each rank's ``.rank<r>.partial``."""
+    path = Path(path)
+    found = [p for p in path.parent.glob(path.name + ".*partial")
+             if p.name == path.name + ".partial" or re.fullmatch(re.escape(path.name) + r"\.rank\d+\.partial", p.name)]
+    return sorted(found)
+
+
+def _read_partial(file: Path, columns, settings=None) -> tuple[list[str], list[dict], list[str]]:
+    """(header lines, rows, the rows' lines) of one partial; complete lines only (a line being
+    written, or torn by a kill, is left out). Refuses other columns or other settings."""
+    lines = file.read_text().split("\n")
+    if lines[0].split("\t") != list(columns):
+        raise DataError(f"{file}: columns differ from this run's; delete it to start over")
+    header = [lines[0]]
+    if len(lines) > 2 and lines[1].startswith(_SETTINGS):
+        header.append(lines[1])
+        try:
+            found = json.loads(lines[1][len(_SETTINGS):])
+        except ValueError:
+            raise DataError(f"{file}: unreadable settings line; delete it to start over") from None
+        if settings is not None and found != settings:
+            changed = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
+            raise DataError(f"{file} holds rows of a run with other settings ({', '.join(changed)}); rerun with "
+                            "the same settings to resume it, or choose another --out")
+    elif settings is not None and len(lines) > 2:
+        raise DataError(f"{file} records no settings, so its rows cannot be checked against this run's; delete it "
+                        "or choose another --out")
+    complete = [line for line in lines[len(header):-1] if len(line.split("\t")) == len(columns)]
+    try:
+        rows = [_parse_row(list(columns), line.split("\t")) for line in complete]
+    except ValueError as err:
+        raise DataError(f"{file}: unreadable row ({err}); delete it to start over") from None
+    return header, rows, complete
+
+
+def done_indices(path, columns=COLUMNS, settings=None) -> set:
+    """Row indices already written to any partial of ``path``."""
+    return {row["idx"] for file in partial_files(path) for row in _read_partial(file, columns, settings)[1]}
+
+
+def merge_partials(path, columns=COLUMNS) -> list[dict]:
+    """Merge every partial of ``path`` into ``path`` (atomically; rows sorted by idx, one per idx),
+    delete the partials, and return the rows. Run by one process after every writer finished."""
+    path = Path(path)
+    rows = {}
+    for file in partial_files(path):
+        for row in _read_partial(file, columns)[1]:
+            rows.setdefault(row["idx"], row)
+    rows = [rows[k] for k in sorted(rows)]
+    lines = ["\t".join(columns)]
+    lines += ["\t".join(_format_value(c, row[c]) for c in columns) for row in rows]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    for file in partial_files(path):
+        file.unlink(missing_ok=True)
+    return rows
+
+
+class CertifyWriter:
+    """Append rows to a partial file; ``close()`` merges every partial into ``path``.
+
+    One process writes ``<path>.partial``; rank ``shard`` of a torchrun job writes
+    ``<path>.rank<shard>.partial``. Each row is one flushed line (a torn last line is dropped on
+    recovery), so a killed run loses at most the row in flight. ``done`` holds the row indices of
+    *every* partial of ``path``, whichever process count wrote them, so a rerun with 1, 2 or N
+    processes skips them all. ``settings`` (JSON-able) are recorded in each partial's second line and
+    must match on resume: rows computed under other settings are never mixed in. Nothing is created
+    before the first row, so a run that fails before it leaves no file. A finished ``path`` is never
+    appended to.
     """
 
-    def __init__(self, path, columns=COLUMNS, resume: bool = True):
+    def __init__(self, path, columns=COLUMNS, resume: bool = True, shard: int | None = None, settings=None):
         self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.partial = self.path.with_name(self.path.name + (".partial" if shard is None else f".rank{int(shard)}.partial"))
         self.columns = tuple(columns)
-        self.rows: list[dict] = []
+        self.settings = None if settings is None else json.loads(json.dumps(settings))
         self._resumed = resume and self.partial.exists()
-        if self._resumed:
-            self.rows = self._recover()
-        self.done = {row["idx"] for row in self.rows}
+        if not resume:
+            for other in partial_files(self.path):
+                other.unlink()
+        self.rows: list[dict] = self._recover() if self._resumed else []
+        self.done = {row["idx"] for row in self.rows} | done_indices(self.path, self.columns, self.settings)
         self._file = None
 
     def _recover(self) -> list[dict]:
-        text = self.partial.read_text()
-        lines = text.split("\n")
-        if lines[0].split("\t") != list(self.columns):
-            raise DataError(f"{self.partial}: columns differ from this run's; delete it to start over")
-        complete = [line for line in lines[1:-1] if len(line.split("\t")) == len(self.columns)]
-        try:
-            rows = [_parse_row(list(self.columns), line.split("\t")) for line in complete]
-        except ValueError as err:
-            raise DataError(f"{self.partial}: unreadable row ({err}); delete it to start over") from None
-        # Rewrite without any torn final line, so appends start on a clean line.
-        self.partial.write_text("\n".join([lines[0], *complete]) + "\n")
+        """This writer's own partial, rewritten atomically without a torn final line."""
+        header, rows, complete = _read_partial(self.partial, self.columns, self.settings)
+        write_text_atomic(self.partial, "\n".join([*header, *complete]) + "\n")
         return rows
 
     def write(self, row: dict) -> None:
@@ -116,21 +177,23 @@ class CertifyWriter:
             self._file = open(self.partial, "a" if self._resumed else "w")
             if not self._resumed:
                 self._file.write("\t".join(self.columns) + "\n")
+                if self.settings is not None:
+                    self._file.write(_SETTINGS + json.dumps(self.settings, sort_keys=True) + "\n")
         self._file.write("\t".join(_format_value(c, row[c]) for c in self.columns) + "\n")
         self._file.flush()
         self.rows.append(row)
         self.done.add(row["idx"])
 
-    def close(self) -> list[dict]:
-        """Finish: rows sorted by idx, rewritten atomically to ``path``. Returns the rows."""
+    def finish(self) -> None:
+        """Close this writer's partial (a rank's part of a distributed run); rank 0 merges later."""
         if self._file is not None:
             self._file.close()
-        self.rows.sort(key=lambda row: row["idx"])
-        lines = ["\t".join(self.columns)]
-        lines += ["\t".join(_format_value(c, row[c]) for c in self.columns) for row in self.rows]
-        write_text_atomic(self.path, "\n".join(lines) + "\n")
-        self.partial.unlink(missing_ok=True)
-        return self.rows
+            self._file = None
+
+    def close(self) -> list[dict]:
+        """Finish, then merge every partial of ``path`` into it (:func:`merge_partials`)."""
+        self.finish()
+        return merge_partials(self.path, self.columns)
 
     def __enter__(self):
         return self

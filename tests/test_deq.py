@@ -114,7 +114,7 @@ def test_certify_smoothing_serialized_writes_rows_and_resumes(deq, tmp_path, cap
     from gmcert.report import read_tsv
 
     model = _model_dir(deq, tmp_path)
-    args = ["certify", "--model", str(model), "--method", "smoothing", "--serialized", "--n", "2500", "--n0", "20",
+    args = ["certify", "--model", str(model), "--method", "smoothing", "--serialized", "--n-samples", "2500", "--n0", "20",
             "--audit-size", "400", "--steps", "2", "--limit", "3", "--cache-dir", ""]
     assert main([*args, "--out", str(tmp_path / "full.tsv")]) == 0
     full = read_tsv(tmp_path / "full.tsv")
@@ -166,6 +166,6 @@ def test_certify_serialized_refuses_a_model_without_a_deq(tmp_path, capsys):
     model = tmp_path / "m"
     assert main(["fit", "--data", "digits", "--encoder", "identity", "--out", str(model), "--cache-dir", ""]) == 0
     capsys.readouterr()
-    assert main(["certify", "--model", str(model), "--method", "smoothing", "--serialized", "--n", "100",
+    assert main(["certify", "--model", str(model), "--method", "smoothing", "--serialized", "--n-samples", "100",
                  "--audit-size", "10", "--limit", "2", "--cache-dir", "", "--out", str(tmp_path / "c.tsv")]) == 2
     assert "deep-equilibrium" in capsys.readouterr().err and not list(tmp_path.glob("c.*"))

@@ -14,6 +14,7 @@ LAYERS = {
     "gmcert.latent": 1, "gmcert.mismatch": 1, "gmcert.smoothing": 1, "gmcert.smoothing.stats": 1,
     "gmcert.smoothing.sequential": 1, "gmcert.smoothing.serialized": 1,
     "gmcert.data": 2, "gmcert.encoders": 2, "gmcert.head": 2, "gmcert.smoothing.smoother": 2, "gmcert.smoothing.srs": 2,
+    "gmcert.distributed": 2, "gmcert.distributed.rows": 3,
     "gmcert.pipeline": 3, "gmcert.report": 3,
     "gmcert.hybrid": 4, "gmcert.compare": 4, "gmcert.inputs": 4, "gmcert.train": 4, "gmcert.train.command": 5,
     "gmcert.cli": 5, "gmcert.__main__": 5,
@@ -83,7 +84,7 @@ def test_the_check_catches_a_lower_layer_importing_a_higher_one():
 
 def test_one_concept_per_folder():
     folders = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
-    assert folders == ["encoders", "latent", "mismatch", "smoothing", "train"]
+    assert folders == ["distributed", "encoders", "latent", "mismatch", "smoothing", "train"]
     top = sorted(p.stem for p in PACKAGE.glob("*.py"))
     assert len(top) <= 13, top  # new work goes in a folder of its own
 

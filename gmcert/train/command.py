@@ -70,6 +70,8 @@ def cmd_train(args) -> int:
                                    config=config, teacher=args.teacher, pretrained=False if args.no_pretrained else None,
                                    n_components=args.dim, test_size=args.test_size, device=args.device,
                                    limit=args.limit)
+    if pipeline is None:  # a rank other than 0 of a torchrun job: rank 0 reports
+        return 0
     last, network, head = record["history"][-1], record["network"], record.get("head") or {}
     compute = record["compute"]
     print(f"saved model to {args.out} ({pipeline.encoder.card.name}, input size "

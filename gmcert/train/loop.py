@@ -5,6 +5,11 @@ learning rate is a function of the epoch (cosine decay), so an epoch's work depe
 weights and optimizer state it starts from. A checkpoint holds exactly those, so a run killed at
 any moment and rerun ends with the weights an uninterrupted run gives (on CPU, where kernels are
 deterministic).
+
+Under torchrun the student is wrapped in DistributedDataParallel: every rank draws the same batch
+order, takes its rank's slice of each global batch (so the global batch size stays ``batch_size``)
+and its own noise stream; DDP averages the gradients; rank 0 writes the checkpoint and every rank
+resumes from it.
 """
 from __future__ import annotations
 
@@ -89,6 +94,32 @@ def features_and_logits(student, x):
     return h, net.get_classifier()(h)
 
 
+class _Forward(torch.nn.Module):
+    """The student's (latents, logits) as one module call, which DistributedDataParallel wraps."""
+
+    def __init__(self, student):
+        super().__init__()
+        self.student = student
+
+    def forward(self, x):
+        return features_and_logits(self.student, x)
+
+
+def _forward(student, config):
+    """(callable x -> (latents, logits), world): DDP-wrapped under torchrun, the student itself otherwise."""
+    from gmcert.distributed import current
+
+    w = current()
+    if not w.active:
+        return (lambda x: features_and_logits(student, x)), w
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(student.parameters()).device
+    # margin's centers and distillation map are used outside the network's own layers
+    return DistributedDataParallel(_Forward(student), device_ids=[device] if device.type == "cuda" else None,
+                                   find_unused_parameters=config.method == "margin"), w
+
+
 def _generator(device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
@@ -98,10 +129,11 @@ def epoch_lr(config: TrainConfig, epoch: int) -> float:
     return 0.5 * config.lr * (1 + math.cos(math.pi * epoch / config.epochs))
 
 
-def _batch_loss(student, teacher, x, y, config, generator, counts):
-    """The method's loss on one batch, and the student/teacher sample passes it costs."""
+def _batch_loss(student, forward, teacher, x, y, config, generator, counts):
+    """The method's loss on one batch, and the student/teacher sample passes it costs (``forward``:
+    x -> (latents, logits), through DDP under torchrun)."""
     if config.method == "margin":  # no noise: the radius itself is trained
-        h, _ = features_and_logits(student, x)
+        h, _ = forward(x)
         loss = margin_loss(h, y, student.centers, config.margin)
         if teacher is not None:
             with torch.no_grad():
@@ -112,13 +144,13 @@ def _batch_loss(student, teacher, x, y, config, generator, counts):
         return loss + (config.shape_weight * shaping_penalty(h.float(), y) if config.shape_latents else 0.0)
     if config.method == "consistency":
         noisy = torch.cat([add_noise(x, config.sigma, generator) for _ in range(config.copies)])
-        h, logits = features_and_logits(student, noisy)
+        h, logits = forward(noisy)
         loss = consistency_loss(logits.view(config.copies, len(x), -1), y, config.consistency_weight,
                                 config.entropy_weight)
         labels = y.repeat(config.copies)
     else:
         noisy = add_noise(x, config.sigma, generator)
-        h, logits = features_and_logits(student, noisy)
+        h, logits = forward(noisy)
         labels = y
         if config.method == "gaussian":
             loss = gaussian_loss(logits, y)
@@ -131,6 +163,15 @@ def _batch_loss(student, teacher, x, y, config, generator, counts):
     if config.shape_latents:
         loss = loss + config.shape_weight * shaping_penalty(h.float(), labels)
     return loss
+
+
+def _reduce(total, counts, device, w):
+    import torch.distributed as dist
+
+    values = torch.tensor([total, *counts.values()], dtype=torch.float64,
+                          device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(values)
+    return float(values[0]) / w.size, {k: int(v) for k, v in zip(counts, values[1:].tolist())}
 
 
 def predict(student, x):
@@ -205,12 +246,14 @@ def _epochs(student, teacher, images, labels, config, optimizer, record, held_ou
 
     device = next(student.parameters()).device
     use_amp = config.amp and device.type == "cuda"
+    forward, w = _forward(student, config)
     done_here = 0
     while record["epochs_done"] < config.epochs and (stop_after is None or done_here < stop_after):
         epoch = record["epochs_done"]
         start, counts = time.perf_counter(), {"student_forward_backward": 0, "teacher_forward": 0}
         torch.manual_seed(config.seed * 1_000_003 + epoch)  # dropout and anything else on the global stream
-        generator = _generator(device, config.seed * 1_000_003 + epoch)
+        # each rank its own noise (the same for every rank would correlate the global batch)
+        generator = _generator(device, config.seed * 1_000_003 + epoch + 7_919_000_000 * w.rank)
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed * 7919 + epoch))
         for group in optimizer.param_groups:
             group["lr"] = epoch_lr(config, epoch)
@@ -218,17 +261,20 @@ def _epochs(student, teacher, images, labels, config, optimizer, record, held_ou
         total, batches = 0.0, 0
         for begin in range(0, len(images), config.batch_size):
             index = order[begin:begin + config.batch_size]
-            if len(index) < 2 and begin > 0:
-                break  # BatchNorm needs two samples; the remainder is at most one image
+            if len(index) < 2 * w.size and begin > 0:
+                break  # BatchNorm needs two samples on every rank; the remainder is that small
+            index = index[w.rank::w.size]  # this rank's slice of the global batch
             x, y = images[index].to(device), labels[index].to(device)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-                loss = _batch_loss(student, teacher, x, y, config, generator, counts)
+                loss = _batch_loss(student, forward, teacher, x, y, config, generator, counts)
             if not torch.isfinite(loss):
                 raise DataError(f"the training loss became {loss.item()} at epoch {epoch + 1}: lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total, batches = total + float(loss.detach()), batches + 1
+        if w.active:  # the record is the job's: counts summed, the loss averaged over ranks
+            total, counts = _reduce(total, counts, device, w)
         seconds = time.perf_counter() - start
         clean, noisy = evaluate(student, *held_out, config.sigma, seed=config.seed + 10_000 * (epoch + 1))
         record["history"].append({"epoch": epoch + 1, "loss": total / max(batches, 1), "clean_accuracy": clean,
@@ -237,8 +283,12 @@ def _epochs(student, teacher, images, labels, config, optimizer, record, held_ou
             record["compute"][key] += counts[key]
         record["compute"]["seconds"] += seconds
         record["epochs_done"] = epoch + 1
-        if checkpoint is not None:
+        if checkpoint is not None and w.main:
             save_checkpoint(checkpoint, student, optimizer, record)
+        if w.active:
+            import torch.distributed as dist
+
+            dist.barrier()  # the checkpoint is complete before any rank moves on
         done_here += 1
         bar.update(1)
         bar.set_postfix(loss=f"{total / max(batches, 1):.3f}", noisy_acc=f"{noisy:.3f}")

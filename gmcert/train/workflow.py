@@ -94,7 +94,8 @@ def train_model(out, data: str = "digits", encoder: str | None = None, input_siz
     ``encoder`` defaults to ``gmcert_cnn`` (``gmcert_lipnet`` for ``config.student="lipschitz"``).
 
     Returns ``(pipeline, record)``, or ``(None, record)`` when ``stop_after`` epochs ran before the
-    end (the checkpoint in ``<out>.train/`` resumes the run). See :class:`TrainConfig` for the methods.
+    end (the checkpoint in ``<out>.train/`` resumes the run) and on ranks other than 0 of a torchrun
+    job (DistributedDataParallel; rank 0 writes the model). See :class:`TrainConfig` for the methods.
     """
     from gmcert.inputs import fit_split, load_inputs
 
@@ -138,16 +139,21 @@ def train_model(out, data: str = "digits", encoder: str | None = None, input_siz
         raise DataError(f"--teacher is used by the crt and margin methods only, not {config.method}")
     identity = json.loads(json.dumps({"data": inputs.identity, "encoder": student.describe(),
                                       "teacher": str(teacher) if teacher is not None else None}, default=str))
+    from gmcert.distributed import agree, current as current_world
+
+    agree({"config": config.as_dict(), "identity": identity}, "the training settings and data")
     staging.mkdir(parents=True, exist_ok=True)
     try:
         record = train_network(student, images[train], labels[train], config, teacher=teacher_module,
                                checkpoint=staging / CHECKPOINT, held_out=(images[test], labels[test]),
                                identity=identity, progress=progress, stop_after=stop_after)
     except BaseException:
-        if not (staging / CHECKPOINT).exists():  # nothing to resume: leave nothing behind
+        if not (staging / CHECKPOINT).exists() and current_world().main:  # nothing to resume: leave nothing behind
             shutil.rmtree(staging, ignore_errors=True)
         raise
     if record["epochs_done"] < config.epochs:
+        return None, record
+    if not current_world().main:  # under torchrun, rank 0 alone fits the head and writes the model directory
         return None, record
     _finish(out, staging, student, inputs, classes, train, test, config, record, n_components, device)
     shutil.rmtree(staging, ignore_errors=True)
