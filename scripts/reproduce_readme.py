@@ -1,6 +1,6 @@
 """Regenerate the README's results section from a real run on the embedded default.
 
-    python scripts/reproduce_readme.py   # fit and train (if needed), compare, bench_train, bench_lipschitz, bench_srs; rewrite README + docs/*.png
+    python scripts/reproduce_readme.py   # fit and train (if needed), compare, bench_train, bench_lipschitz, bench_srs, bench_distributed; rewrite README + docs/*.png
 
 Every number in the section comes from this script's run; none is typed by hand.
 """
@@ -42,8 +42,13 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default=str(ROOT / "runs"))
     parser.add_argument("--readme", default=str(ROOT / "README.md"))
     parser.add_argument("--reuse", action="store_true",
-                        help="keep each benchmark's summary.md from an earlier run of this script (compares resume)")
+                        help="keep each benchmark's and compare's summary.md from an earlier run of this script")
     args = parser.parse_args(argv)
+
+    def compare(arguments) -> int:
+        """``gmcert compare``; under --reuse a finished compare (its summary.md) is kept."""
+        out = Path(arguments[arguments.index("--out") + 1])
+        return 0 if args.reuse and (out / "summary.md").is_file() else gmcert(["compare", *arguments])
 
     def bench(script, out) -> bool:
         """Run ``scripts/<script>`` into ``out``; True on success (or a kept summary under --reuse)."""
@@ -58,14 +63,14 @@ def main(argv=None) -> int:
     if not (raw / "pipeline.json").is_file() and gmcert(["fit", "--encoder", "identity", "--dim", "32",
                                                           "--out", str(raw)]) != 0:
         return 1
-    if gmcert(["compare", "--model", str(default), "--out", str(default / "compare")]) != 0:
+    if compare(["--model", str(default), "--out", str(default / "compare")]) != 0:
         return 1
-    if gmcert(["compare", "--model", str(raw), "--out", str(raw / "compare"), *RAW_COMPARE]) != 0:
+    if compare(["--model", str(raw), "--out", str(raw / "compare"), *RAW_COMPARE]) != 0:
         return 1
     trained = runs / "trained"
     if not (trained / "pipeline.json").is_file() and gmcert(["train", "--out", str(trained)]) != 0:
         return 1
-    if gmcert(["compare", "--model", str(trained), "--out", str(trained / "compare"), *TRAINED_COMPARE]) != 0:
+    if compare(["--model", str(trained), "--out", str(trained / "compare"), *TRAINED_COMPARE]) != 0:
         return 1
     bench_train = runs / "bench-train"
     if not bench("bench_train.py", bench_train):
@@ -75,7 +80,7 @@ def main(argv=None) -> int:
     if not (lipschitz / "pipeline.json").is_file() and gmcert(["train", "--student", "lipschitz",
                                                                "--out", str(lipschitz)]) != 0:
         return 1
-    if gmcert(["compare", "--model", str(lipschitz), "--smoothing-model", str(trained), "--out",
+    if compare(["--model", str(lipschitz), "--smoothing-model", str(trained), "--out",
                str(lipschitz / "compare"), *TRAINED_COMPARE]) != 0:
         return 1
     bench_lipschitz = runs / "bench-lipschitz"
@@ -83,6 +88,9 @@ def main(argv=None) -> int:
         return 1
     bench_srs = runs / "bench-srs"
     if not bench("bench_srs.py", bench_srs):
+        return 1
+    bench_distributed = runs / "bench-distributed"
+    if not bench("bench_distributed.py", bench_distributed):
         return 1
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
@@ -131,7 +139,9 @@ def main(argv=None) -> int:
         "### One pass against smoothing: `python scripts/bench_lipschitz.py`", "",
         (bench_lipschitz / "summary.md").read_text().strip(), "",
         "### A DEQ by serialized smoothing: `python scripts/bench_srs.py`", "",
-        (bench_srs / "summary.md").read_text().strip(),
+        (bench_srs / "summary.md").read_text().strip(), "",
+        "### Scale-out: `python scripts/bench_distributed.py` (1 against 2 processes under torchrun)", "",
+        (bench_distributed / "summary.md").read_text().strip(),
         END,
     ])
     readme = Path(args.readme)
