@@ -140,8 +140,12 @@ class Pipeline:
 
     # -- fit / predict ---------------------------------------------------------------------
     def fit(self, X, y, dataset_identity: str | None = None, noise_sigma: float = 0.0, noise_copies: int = 1,
-            random_state: int = 0, distributed: bool = False) -> "Pipeline":
+            random_state: int = 0, distributed: bool = False, select: bool = False) -> "Pipeline":
         """Encode ``X``, fit the projection on the latents, then the head. Returns self.
+
+        ``select``: first choose the head's covariance type, shrinkage and components per class by
+        held-out likelihood on these (projected) latents, :func:`gmcert.latent.selection.select_head`;
+        the outcome is ``self.selection_`` (else None).
 
         ``distributed``: every rank of a torchrun job calls this with the same arguments, encodes its
         share of the batches, and fits the same model from the gathered latents.
@@ -167,7 +171,14 @@ class Pipeline:
             y = np.concatenate([y] * (int(noise_copies) + 1))
         self.projection = make_projection(self.projection_kind,
                                           None if self.projection_kind == "none" else self.n_components)
-        self.head.fit(self.projection.fit_transform(Z), y)
+        Z, self.selection_ = self.projection.fit_transform(Z), None
+        if select:  # noised copies of one input share a fold: none is scored by a head fitted on its twin
+            from gmcert.latent.selection import select_head
+
+            self.selection_ = select_head(Z, y, random_state=random_state, estimator=self.head,
+                                          groups=np.arange(len(Z)) % len(X) if noise_sigma > 0 else None)
+            self.head.set_params(**self.selection_.chosen)
+        self.head.fit(Z, y)
         self.input_shape_ = tuple(np.shape(X)[1:])
         return self
 

@@ -15,7 +15,9 @@ the same base classifier in the same run:
 Radii are compared capped at 2 sigma (what radius mode is asked for); Cohen's uncapped ACR is
 printed too. The gap to Cohen moves by about half a point between seeds, and the ratio at the
 hardest target by several x, so ``--repeats`` reruns the head-prior rows with fresh seeds and
-prints each run. Usage:
+prints each run. ``--target-peer``: only target mode at 0.5 and 1 sigma against the peer, a betting
+confidence sequence checked after every draw (``scripts/peer_betting.py``), with 32 selection
+draws and with gmcert's selection, every forward pass counted, over ``--repeats`` seeds. Usage:
 ``python scripts/bench_smoothing.py`` (all 540 test inputs, about 6 minutes on 2 cores).
 """
 from __future__ import annotations
@@ -111,6 +113,9 @@ def main():
     parser.add_argument("--save", help="write per-input results of every method to this .npz")
     parser.add_argument("--batch-size", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target-peer", action="store_true",
+                        help="only target mode against the betting-CS peer (scripts/peer_betting.py), "
+                             "targets 0.5 and 1 sigma, --repeats seeds")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     sigma, alpha, cap = args.sigma, args.alpha, 2.0 * args.sigma
@@ -129,6 +134,12 @@ def main():
 
     def smoother(seed_offset):
         return Smoother(head, 10, sigma, batch_size=args.batch_size, seed=args.seed + seed_offset)
+
+    if args.target_peer:
+        from peer_betting import compare_target_mode
+
+        compare_target_mode(head, X_test, sigma, alpha, args.n, (0.5 * sigma, sigma), range(args.repeats), smoother)
+        return
 
     # Cohen et al., one input at a time as in their code.
     s, start = smoother(1), time.perf_counter()

@@ -67,7 +67,7 @@ def encode(out):
     return f"{len(x) / (time.perf_counter() - start):.0f} images/s"
 
 
-@step("fit + closed-form certify (gmcert fit, gmcert certify --device cuda)")
+@step("fit + closed-form certify (gmcert fit, gmcert certify on the device)")
 def closed_form(out):
     small = ["--limit", "120"] if QUICK else []
     gmcert("fit", "--no-pretrained", "--out", str(out / "model"), "--device", DEVICE, "--cache-dir", "", *small)

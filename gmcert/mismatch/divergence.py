@@ -36,64 +36,20 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.stats import chi2, norm
 from tqdm.auto import tqdm
 
 from gmcert.atomic import save_figure
-from gmcert.mismatch.entropy import covariance_rank, knn_entropy_terms, reference_bias_terms
 from gmcert.errors import DataError
+from gmcert.mismatch import bounds
+from gmcert.mismatch.entropy import covariance_rank, knn_entropy_terms, reference_bias_terms
+from gmcert.mismatch.normality import mardia_test
 from gmcert.smoothing.stats import hoeffding_interval
 
 #: Above this dimension k-NN entropy estimates are known to be badly biased.
 HIGH_DIMENSION = 10
 #: Below this many points per dimension in a class the estimate is warned about.
 POINTS_PER_DIMENSION = 20
-#: Mardia's skewness costs O(n^2 d); larger classes are subsampled to this many points for it.
-MARDIA_MAX_N = 4000
 BIAS_CORRECTIONS = ("mixture_reference", "gaussian_reference", "none")
-
-
-def mardia_test(X: np.ndarray, random_state=None) -> dict:
-    """Mardia's multivariate skewness and kurtosis tests of normality for one sample.
-
-    With y_i the points whitened by the maximum-likelihood covariance (on its range, of rank r),
-    skewness b1 = n^-2 sum_ij (y_i . y_j)^3 and n b1 / 6 ~ chi2 with r(r+1)(r+2)/6 degrees of
-    freedom; kurtosis b2 = n^-1 sum_i |y_i|^4 and z = (b2 - r(r+2)) / sqrt(8 r(r+2) / n) ~ N(0, 1)
-    (two-sided p-value) under normality. Skewness uses a random subsample of ``MARDIA_MAX_N``
-    points for larger samples (``n_skewness`` says how many).
-
-    Returns
-    -------
-    dict with keys n, rank, skewness, skewness_statistic, skewness_dof, skewness_p, n_skewness,
-    kurtosis, kurtosis_z, kurtosis_p.
-    """
-    X = np.asarray(X, dtype=np.float64)
-    n, d = X.shape
-    Xc = X - X.mean(axis=0)
-    lam, V = np.linalg.eigh(Xc.T @ Xc / n)
-    keep = lam > 1e-10 * max(float(lam.max()), np.finfo(float).tiny)
-    Y = (Xc @ V[:, keep]) / np.sqrt(lam[keep])
-    r = int(keep.sum())
-    kurtosis = float(np.mean(np.sum(Y * Y, axis=1) ** 2))
-    kurtosis_z = (kurtosis - r * (r + 2)) / math.sqrt(8.0 * r * (r + 2) / n)
-    Ys = Y
-    if n > MARDIA_MAX_N:
-        rng = np.random.default_rng(random_state)
-        Ys = Y[rng.choice(n, MARDIA_MAX_N, replace=False)]
-    m = len(Ys)
-    cube_sum = 0.0
-    for start in range(0, m, 1024):  # blocks keep the m x m Gram matrix out of memory
-        gram = Ys[start:start + 1024] @ Ys.T
-        cube_sum += float(np.sum(gram * gram * gram))  # products: ``** 3`` calls pow, far slower
-    skewness = cube_sum / m**2
-    dof = r * (r + 1) * (r + 2) / 6.0
-    statistic = m * skewness / 6.0
-    return {
-        "n": n, "rank": r, "skewness": skewness, "skewness_statistic": statistic,
-        "skewness_dof": dof, "skewness_p": float(chi2.sf(statistic, dof)), "n_skewness": m,
-        "kurtosis": kurtosis, "kurtosis_z": float(kurtosis_z),
-        "kurtosis_p": float(2.0 * norm.sf(abs(kurtosis_z))),
-    }
 
 
 def _certified_accuracy(scores: np.ndarray, radii) -> np.ndarray:
@@ -153,6 +109,9 @@ class MismatchReport:
     settings: dict
     q_scores: np.ndarray = field(repr=False)
     empirical_scores: np.ndarray = field(repr=False)
+    #: held-out evidence (:func:`gmcert.mismatch.bounds.heldout_evidence`): KL lower bounds,
+    #: cross-entropy, the Clopper-Pearson certified accuracy; printed first when present
+    heldout: dict | None = field(default=None, repr=False)
 
     def certified_accuracy_q(self, radii):
         """CertAcc under the fitted mixture Q, estimated from ``n_q_samples`` draws of Q.
@@ -173,11 +132,14 @@ class MismatchReport:
 
         ``conservative=True`` (default) uses the LOWER end of CertAcc_Q's Hoeffding interval and
         the UPPER end of eps's bootstrap interval (each one-sided at level 1 - alpha/2, so both
-        hold together with probability >= 1 - alpha as far as the bootstrap is right).
+        hold together with probability >= 1 - alpha as far as the bootstrap is right), raised to
+        the held-out lower bound on eps where there is one.
         ``conservative=False`` plugs in the point estimates. Negative eps counts as 0.
         """
         estimate, lower, _ = self.certified_accuracy_q(radii)
         acc, eps = (lower, self.kl_interval[1]) if conservative else (estimate, self.kl)
+        if self.heldout is not None:  # eps is at least its held-out lower bound (k-NN runs low in high d)
+            eps = max(eps, self.heldout["kl_lower"]["joint"])
         return np.maximum(acc - math.sqrt(max(eps, 0.0) / 2.0), 0.0)
 
     def empirical_certified_accuracy(self, radii) -> np.ndarray:
@@ -216,10 +178,16 @@ class MismatchReport:
             "certified_accuracy_q_upper": floats(q_hi),
             "certified_accuracy_bound": floats(self.certified_accuracy_bound(radii)),
             "certified_accuracy_bound_point": floats(self.certified_accuracy_bound(radii, False)),
+            "heldout": None if self.heldout is None else bounds.evidence_dict(self.heldout, radii,
+                                                                              self.settings["alpha"]),
         }
 
     def table(self) -> str:
-        """Readable per-class table: class, n, KL [lo, hi], Mardia skewness and kurtosis p."""
+        """Readable per-class table: class, n, KL [lo, hi], Mardia skewness and kurtosis p. With held-out
+        evidence: first the sound certified-accuracy statement, then the classes ranked by their KL
+        lower bound, and the model-based bound beside it; no KL is printed negative."""
+        if self.heldout is not None:
+            return self._heldout_table()
         level = 100 * (1 - self.settings["alpha"])
         lines = [f"{'class':>8} {'n':>6}  {'KL (nats) [' + format(level, 'g') + '% bootstrap]':<32}"
                  f"{'skew p':>10} {'kurt p':>10}"]
@@ -239,6 +207,19 @@ class MismatchReport:
                          f"{', '.join(flat[:10])}{' ...' if len(flat) > 10 else ''}; project them first")
         return "\n".join(lines)
 
+    def _heldout_table(self) -> str:
+        alpha, radii = self.settings["alpha"], self.default_radii(9)
+        lines = bounds.statement_lines(self.heldout, radii, alpha) + [""]
+        lines += bounds.class_lines(self.heldout, self.classes, self.kl_per_class, self.kl_per_class_interval,
+                                    self.mardia, alpha)
+        lower = self.heldout["kl_lower"]["joint"]
+        lines.append(f"{'joint':>8} {self.heldout['n']:>7} {lower:>9.3g} {max(self.kl, lower, 0.0):>9.3g}  "
+                     f"(label KL {self.label_kl:.3g}; d={self.dimension}, k-NN k={self.settings['k']})")
+        model_based = self.certified_accuracy_bound(radii)
+        lines += ["", "Model-based (holds only as far as the k-NN eps is right): CertAcc_Q(r) - sqrt(eps/2) = "
+                  + ", ".join(f"r={r:.3g}: {b:.3f}" for r, b in zip(radii, model_based))]
+        return "\n".join(lines)
+
     def plot(self, path, radii=None) -> None:
         """PNG with CertAcc on the data, under Q (with its Hoeffding band) and the lower bound."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -249,13 +230,18 @@ class MismatchReport:
         fig = Figure(figsize=(6, 4))
         FigureCanvasAgg(fig)  # an Agg canvas of its own: no pyplot, no global backend switch
         ax = fig.add_subplot()
-        ax.plot(radii, self.empirical_certified_accuracy(radii), label="empirical (data)")
-        ax.plot(radii, q, label="under fitted mixture Q")
+        if self.heldout is not None:
+            bounds.plot_heldout(ax, self.heldout, radii, self.settings["alpha"])
+        else:
+            ax.plot(radii, self.empirical_certified_accuracy(radii), label="empirical (data)")
+        ax.plot(radii, q, color="C1", label="under fitted mixture Q")
         ax.fill_between(radii, q_lo, q_hi, alpha=0.2, color="C1")
-        ax.plot(radii, self.certified_accuracy_bound(radii), "--",
-                label="bound: Q lower - sqrt(eps_hi/2)")
+        ax.plot(radii, self.certified_accuracy_bound(radii), "--", color="C3",
+                label="model-based bound: Q lower - sqrt(eps_hi/2)")
         ax.set(xlabel="latent L2 radius", ylabel="certified accuracy", ylim=(0, 1.02),
-               title=f"eps = {self.kl:.3g} nats [{self.kl_interval[0]:.3g}, {self.kl_interval[1]:.3g}]")
+               title=f"eps = {max(self.kl, 0.0):.3g} nats [{max(self.kl_interval[0], 0.0):.3g}, "
+                     f"{max(self.kl_interval[1], 0.0):.3g}]" + ("" if self.heldout is None else
+                     f", lower bound {self.heldout['kl_lower']['joint']:.3g}"))
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -349,7 +335,7 @@ def _joint_kl(kl_per_class, proportions, priors):
 
 def mismatch_report(model, Z, y, k: int = 10, n_bootstrap: int = 1000, n_q_samples: int = 20000,
                     alpha: float = 0.05, bias_correction: str = "mixture_reference",
-                    random_state=None, progress: bool = False) -> MismatchReport:
+                    random_state=None, progress: bool = False, heldout: dict | None = None) -> MismatchReport:
     """Estimate eps = KL(P || Q), run Mardia's tests and compute the certified-accuracy bound.
 
     Parameters
@@ -383,6 +369,8 @@ def mismatch_report(model, Z, y, k: int = 10, n_bootstrap: int = 1000, n_q_sampl
         Seeds the bootstrap, the reference samples, Mardia's subsample and the draws from Q.
     progress : bool, default False
         Show a tqdm bar over the bootstrap resamples.
+    heldout : dict, optional
+        :func:`gmcert.mismatch.bounds.heldout_evidence` of held-out latents: the sound statements.
 
     Returns
     -------
@@ -428,4 +416,4 @@ def mismatch_report(model, Z, y, k: int = 10, n_bootstrap: int = 1000, n_q_sampl
         kl=kl, kl_interval=kl_interval, label_kl=label_kl, mardia=mardia, dimension=d,
         settings={"k": int(k), "n_bootstrap": int(n_bootstrap), "n_q_samples": int(n_q_samples),
                   "alpha": float(alpha), "bias_correction": bias_correction},
-        q_scores=_radius_scores(model, Zq, yq), empirical_scores=_radius_scores(model, Z, y))
+        q_scores=_radius_scores(model, Zq, yq), empirical_scores=_radius_scores(model, Z, y), heldout=heldout)

@@ -13,7 +13,8 @@ Then, with priors and stopping rules deciding cost only, never validity:
    * ``"spending"`` (default): look j gets the one-sided Clopper-Pearson bound at level
      alpha * w_j, with sum_j w_j <= 1 (union bound). The weights put alpha where the prior
      expects this input to stop (``plan_alpha_weights``), keeping a floor everywhere.
-   * ``"mixture"``: the beta-binomial mixture martingale of ``stats.betabinomial_cs`` (Ville).
+   * ``"mixture"``: the beta-binomial mixture martingale of ``stats.betabinomial_cs`` (Ville), its
+     mixing prior half the pilot's Beta and half Jeffreys' (``MIXTURE_KT_WEIGHT``).
    A wrong prior moves alpha to the wrong looks or the mixture to the wrong place: it costs
    samples, never validity.
 4. Radius mode with ``final_share`` f > 0 (default 0.8): the CS above runs at level (1 - f) alpha.
@@ -47,8 +48,12 @@ _MAX_SAMPLES, _UNDECIDED, _PLANNED = 6, 7, 10
 _PLAN_RATIO = 32.0
 #: Range (in sigma) of the per-input radius tolerances that ``ca_tol`` sets.
 _CA_TOL_RANGE = (0.015, 0.25)
-#: Target-mode futility: predictive standard deviations of optimism (``StoppingRules``).
-_FUTILITY_Z = 2.0
+#: The mixture sequence's weight on the Krichevsky-Trofimov (Jeffreys) part of its mixing prior: a
+#: prior from the pilot that misses the truth costs a factor 2 of wealth, not every certificate.
+MIXTURE_KT_WEIGHT = 0.5
+#: Target-mode futility: predictive standard deviations of optimism (``StoppingRules``), and the
+#: counted draws before it may fire.
+_FUTILITY_Z, _FUTILITY_MIN = 2.0, 64
 
 
 def look_schedule(first_check=32, growth=1.1, max_samples=100_000):
@@ -112,7 +117,10 @@ class StoppingRules:
             z_last = self._z_fixed_n if z_final is None else np.maximum(z_final, self._z_fixed_n)
             final_lower, _ = stats.wilson_interval(hopeful, limit, z_last)
             # a run that has used all its draws ends max_samples, not futile
-            conditions = [lower >= threshold, upper < threshold, trials >= limit, final_lower < threshold]
+            # futility waits for _FUTILITY_MIN draws: checked every few draws from the start, its
+            # optimism would be outrun by early noise
+            conditions = [lower >= threshold, upper < threshold, trials >= limit,
+                          (final_lower < threshold) & (trials >= _FUTILITY_MIN)]
             codes = [1, 2, _MAX_SAMPLES, 9]
         else:
             ref_radius, reachable = projection if projection is not None else self.project(hits / trials)
@@ -334,7 +342,8 @@ def run_sequential(count_hits, prior_z, alpha, sigma, *, sequence="spending", pr
                 lo = stats.clopper_pearson_lower(hits[open_], trials[open_], level)
                 hi = stats.clopper_pearson_upper(hits[open_], trials[open_], level)
             else:
-                lo, hi = stats.betabinomial_cs(hits[open_], trials[open_], cs_alpha[open_], a[open_], b[open_])
+                lo, hi = stats.betabinomial_cs(hits[open_], trials[open_], cs_alpha[open_], a[open_], b[open_],
+                                               kt_weight=MIXTURE_KT_WEIGHT)
             lcb[open_] = np.maximum(lcb[open_], lo)  # running max/min: the CS covers every look
             ucb[open_] = np.minimum(ucb[open_], hi)
             # one fixed-n projection per round, for the stopping rules and the final-look plan
@@ -392,7 +401,7 @@ def _last_look_z(looks, limit, alpha, threshold, weights=None, prior_ab=None):
     if weights is not None:
         last = np.minimum(np.searchsorted(looks, limit, side="left"), len(looks) - 1)
         return -ndtri(alpha * weights[np.arange(len(limit)), last])
-    lower, _ = stats.betabinomial_cs(threshold * limit, limit, alpha, *prior_ab)
+    lower, _ = stats.betabinomial_cs(threshold * limit, limit, alpha, *prior_ab, kt_weight=MIXTURE_KT_WEIGHT)
     return (threshold - lower) / np.sqrt(np.maximum(threshold * (1.0 - threshold), 1e-12) / limit)
 
 

@@ -239,8 +239,8 @@ class Smoother:
     # -- sequential ----------------------------------------------------------------------------
 
     def certify_sequential(self, x, alpha=0.001, target_radius=None, max_radius=None,
-                           max_samples=100_000, radius_tol=None, prior=None, n_pilot=32,
-                           sequence="spending", first_check=32, growth=1.1, final_share=0.8):
+                           max_samples=100_000, radius_tol=None, prior=None, n_pilot=None,
+                           sequence=None, first_check=None, growth=1.1, final_share=0.8):
         """Anytime-valid certification of one input (``certify_batch`` with one row, no budget)."""
         return self.certify_batch(
             self._as_batch(x, single=True), target_radius, None, alpha, max_radius=max_radius,
@@ -248,13 +248,23 @@ class Smoother:
             sequence=sequence, first_check=first_check, growth=growth, final_share=final_share)[0]
 
     def certify_batch(self, X, target_radii=None, budget=None, alpha=0.001, max_radius=None,
-                      max_samples=100_000, radius_tol=None, prior=None, n_pilot=32,
-                      sequence="spending", first_check=32, growth=1.1, progress=False, final_share=0.8,
+                      max_samples=100_000, radius_tol=None, prior=None, n_pilot=None,
+                      sequence=None, first_check=None, growth=1.1, progress=False, final_share=0.8,
                       ca_tol=None):
         """Certify inputs X (N, ...) with confidence sequences, optionally under one budget.
 
         Each input first gets ``n_pilot`` pilot draws (class selection and ``prior``, default
         ``UniformPrior()``; they count in ``samples`` but never in the CS; see ``_select``).
+
+        Defaults by mode. Target mode answers yes or no as soon as the data allow: ``sequence``
+        ``"mixture"`` (Ville's inequality holds at every draw, so looking often costs nothing),
+        looked at every ``first_check`` = 2 draws at first, after ``n_pilot`` = 8 pilot draws (a
+        clear lead in 8 draws picks c_A; an unclear one gets the longer pilot; a wrong pick costs
+        draws, never validity). Radius mode: ``"spending"`` with its planned final look, looks from
+        32 draws, 32 pilot draws. A ``"spending"`` sequence always starts at 32 (each look costs it
+        alpha). A "not certified" answer is not a claim: ``target_out_of_reach`` is backed by the
+        upper bound, but futility (``target_unreachable``), ``max_samples`` and ``undecided`` only
+        mean that this run stopped spending; the radius may still exceed the target.
         ``max_samples`` bounds every input's model evaluations, pilot included, and is the n of
         the fixed-n certificate that ``radius_tol`` refers to.
         Counting then follows ``run_sequential``: radius mode (``target_radii=None``, radii
@@ -277,6 +287,10 @@ class Smoother:
         statistic, not the upper end of a confidence interval.
         """
         start, X = time.perf_counter(), self._as_batch(X)
+        target_mode = target_radii is not None
+        sequence = sequence or ("mixture" if target_mode else "spending")
+        first_check = first_check or (2 if sequence == "mixture" and target_mode else 32)
+        n_pilot = n_pilot or (8 if target_mode else 32)
         alpha, n_pilot = _alpha(alpha), _positive_int(n_pilot, "n_pilot")
         if not n_pilot < max_samples:
             raise DataError(f"max_samples ({max_samples}) must exceed n_pilot ({n_pilot})")
@@ -322,7 +336,8 @@ class Smoother:
         under two standard errors get a second, 4x longer pilot (still uncounted) that replaces
         the first, so a short pilot rarely picks the wrong class.
 
-        Returns classes (N,), prior_z (mu, var), Beta (a, b) or None, pilot draws per input (N,).
+        Returns classes (N,), prior_z (mu, var), Beta (a, b) or None, pilot draws per input (N,):
+        every evaluation, so 5 ``n_pilot`` where the second pilot ran.
         """
         pilot = self.pilot(X, n_pilot)
         top_two = np.sort(pilot.votes, axis=1)[:, -2:]
@@ -331,7 +346,8 @@ class Smoother:
         pilots = [(np.setdiff1d(np.arange(len(X)), unclear), pilot, n_pilot)]
         if unclear.size:
             pilots = [(pilots[0][0], _subset(pilot, pilots[0][0]), n_pilot),
-                      (unclear, self.pilot(X[unclear], 4 * n_pilot), 4 * n_pilot)]
+                      # the first pilot's draws were evaluations too: both count in ``samples``
+                      (unclear, self.pilot(X[unclear], 4 * n_pilot), 5 * n_pilot)]
         classes, mu, var = np.zeros(len(X), dtype=int), np.zeros(len(X)), np.zeros(len(X))
         a, b, drawn = np.ones(len(X)), np.ones(len(X)), np.zeros(len(X))
         for rows, draws, m in pilots:

@@ -135,7 +135,7 @@ def _bisect(log_m, lo, hi, threshold, rejected_at_lo):
     return lo if rejected_at_lo else hi
 
 
-def betabinomial_cs(successes, trials, alpha, a=1.0, b=1.0):
+def betabinomial_cs(successes, trials, alpha, a=1.0, b=1.0, kt_weight=0.0):
     """Beta-binomial mixture confidence sequence for a Bernoulli mean (BRIEF §7).
 
     ``{p : M_t(p) < 1/alpha}`` with M_t the mixture martingale of prior Beta(a, b). With
@@ -152,6 +152,11 @@ def betabinomial_cs(successes, trials, alpha, a=1.0, b=1.0):
         Error probability of the whole sequence (both sides together).
     a, b : float or array_like
         Positive Beta mixing-prior parameters.
+    kt_weight : float in [0, 1), default 0
+        Weight of Jeffreys' Beta(1/2, 1/2) (the Krichevsky-Trofimov mixture) in a two-part mixing
+        prior (1 - w) Beta(a, b) + w Beta(1/2, 1/2): still one mixture, so still a martingale under
+        every p, and a prior far from the truth then costs at most a factor 1/w of wealth against
+        KT alone (log 2 nats at w = 1/2) instead of all power.
 
     Returns
     -------
@@ -168,6 +173,11 @@ def betabinomial_cs(successes, trials, alpha, a=1.0, b=1.0):
     mean = np.divide(k, n, out=np.full(k.shape, 0.5), where=n > 0)
 
     log_numerator = special.betaln(a + k, b + n - k) - special.betaln(a, b)  # p-independent
+    if not 0.0 <= kt_weight < 1.0:
+        raise DataError(f"kt_weight must lie in [0, 1), got {kt_weight}")
+    if kt_weight > 0:
+        log_kt = special.betaln(0.5 + k, 0.5 + n - k) - special.betaln(0.5, 0.5)
+        log_numerator = np.logaddexp(np.log1p(-kt_weight) + log_numerator, np.log(kt_weight) + log_kt)
 
     def log_m(p):
         return log_numerator - special.xlogy(k, p) - special.xlog1py(n - k, -p)
