@@ -17,7 +17,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import beta
 
 from gmcert.atomic import atomic_write, save_figure
 from gmcert.errors import DataError
@@ -244,13 +243,14 @@ def certified_accuracy(rows, radii) -> np.ndarray:
 
 def certified_accuracy_lower_bound(rows, radii, alpha: float = 0.05) -> np.ndarray:
     """One-sided Clopper-Pearson lower bound, at level 1-alpha, on the population certified
-    accuracy at each radius, treating the rows as an i.i.d. sample of the test distribution."""
+    accuracy at each radius, treating the rows as an i.i.d. sample of the test distribution
+    (:func:`gmcert.mismatch.bounds.certified_accuracy_lower`)."""
+    from gmcert.mismatch.bounds import certified_accuracy_lower
+
     rows = read_tsv(rows) if isinstance(rows, (str, Path)) else rows
-    n = len(rows)
-    hits = np.round(certified_accuracy(rows, radii) * n)
-    with np.errstate(invalid="ignore"):
-        bound = beta.ppf(alpha, hits, n - hits + 1)
-    return np.where(hits > 0, bound, 0.0)
+    if not rows:
+        return np.zeros(np.atleast_1d(radii).shape)
+    return certified_accuracy_lower(*_columns(rows), radii, alpha)[1]
 
 
 def average_certified_radius(rows) -> float:

@@ -108,8 +108,7 @@ def _model_dir(deq, tmp_path):
     return model
 
 
-def test_certify_smoothing_serialized_writes_rows_and_resumes(deq, tmp_path, capsys, monkeypatch):
-    import gmcert.hybrid
+def test_certify_smoothing_serialized_writes_rows_and_resumes(deq, tmp_path, capsys, interrupt_smoothing):
     from gmcert.cli import main
     from gmcert.report import read_tsv
 
@@ -128,17 +127,10 @@ def test_certify_smoothing_serialized_writes_rows_and_resumes(deq, tmp_path, cap
         audited = int(fields["audit"].split("/")[1])
         assert 0 < audited < 400 and int(fields["solver_steps"]) < cold * r["samples"]
     # a run killed after its first row resumes to the same rows
-    real = gmcert.hybrid.iter_certify_smoothing
-
-    def dying(*a, **k):
-        for i, cert in enumerate(real(*a, **k)):
-            if i == 1:
-                raise KeyboardInterrupt
-            yield cert
-
-    monkeypatch.setattr(gmcert.hybrid, "iter_certify_smoothing", dying)
+    arm, disarm = interrupt_smoothing
+    arm(1)
     assert main([*args, "--out", str(tmp_path / "cut.tsv")]) == 130
-    monkeypatch.setattr(gmcert.hybrid, "iter_certify_smoothing", real)
+    disarm()
     assert main([*args, "--out", str(tmp_path / "cut.tsv")]) == 0
     again = read_tsv(tmp_path / "cut.tsv")
     drop = ("time", "latent_radius")

@@ -175,22 +175,13 @@ def test_ranks_started_with_other_seeds_are_refused_by_rank_0(raw_model, tmp_pat
     assert not list(tmp_path.iterdir())
 
 
-def test_a_partial_of_other_settings_is_refused(raw_model, tmp_path, capsys, monkeypatch):
-    import gmcert.hybrid
-
+def test_a_partial_of_other_settings_is_refused(raw_model, tmp_path, capsys, interrupt_smoothing):
     common = ["certify", "--model", str(raw_model), "--limit", "4", "--cache-dir", "", "--method", "smoothing",
               "--n-samples", "200", "--out", str(tmp_path / "c.tsv")]
-    real = gmcert.hybrid.iter_certify_smoothing
-
-    def dying(*a, **k):
-        for i, cert in enumerate(real(*a, **k)):
-            if i == 2:
-                raise KeyboardInterrupt
-            yield cert
-
-    monkeypatch.setattr(gmcert.hybrid, "iter_certify_smoothing", dying)
+    arm, disarm = interrupt_smoothing
+    arm(2)
     assert main(common) == 130
-    monkeypatch.setattr(gmcert.hybrid, "iter_certify_smoothing", real)
+    disarm()
     before = (tmp_path / "c.tsv.partial").read_text()
     capsys.readouterr()
     assert main([*common, "--sigma", "0.5"]) == 2

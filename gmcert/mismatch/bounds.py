@@ -35,7 +35,7 @@ import numpy as np
 from scipy.stats import t as student_t
 
 from gmcert.errors import DataError
-from gmcert.smoothing.stats import clopper_pearson_lower
+from gmcert.smoothing.stats import clopper_pearson_lower, clopper_pearson_upper
 
 #: clip levels tried for the witness; the one with the best bound on half A is used on half B
 CLIPS = (0.5, 1.0, 2.0, 4.0, 8.0)
@@ -260,13 +260,10 @@ def class_lines(evidence: dict, classes, knn, knn_interval, mardia, alpha: float
 
 def plot_heldout(ax, evidence: dict, radii, alpha: float) -> None:
     """The held-out latent certified accuracy and its Clopper-Pearson band on ``ax``."""
-    from scipy.stats import beta
-
     scores = evidence["scores"]
     acc, lower = certified_accuracy_lower(np.isfinite(scores), scores, radii, alpha)
     n = len(scores)
-    k = np.round(acc * n)
-    upper = np.where(k >= n, 1.0, beta.ppf(1 - alpha, k + 1, n - k))
+    upper = clopper_pearson_upper(np.round(acc * n), n, alpha)
     ax.plot(radii, acc, color="C0", label=f"held-out data ({n} inputs)")
     ax.fill_between(radii, lower, upper, color="C0", alpha=0.2, label=f"Clopper-Pearson {100 * (1 - alpha):g}%")
 
