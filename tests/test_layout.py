@@ -12,7 +12,7 @@ TORCH = ("torch", "torchvision", "timm")
 LAYERS = {
     "gmcert": 0, "gmcert.errors": 0, "gmcert.results": 0, "gmcert.atomic": 0,
     "gmcert.latent": 1, "gmcert.mismatch": 1, "gmcert.smoothing": 1, "gmcert.smoothing.stats": 1,
-    "gmcert.smoothing.sequential": 1, "gmcert.smoothing.serialized": 1,
+    "gmcert.smoothing.sequential": 1, "gmcert.smoothing.serialized": 1, "gmcert.smoothing.verified": 1,
     "gmcert.data": 2, "gmcert.encoders": 2, "gmcert.head": 2, "gmcert.smoothing.smoother": 2, "gmcert.smoothing.srs": 2,
     "gmcert.distributed": 2, "gmcert.distributed.rows": 3,
     "gmcert.pipeline": 3, "gmcert.report": 3,

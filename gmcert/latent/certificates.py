@@ -53,7 +53,7 @@ STRUCTURES = ("full", "tied", "diag")
 _BLAS = None  # ThreadpoolController, created on first use (it scans the loaded libraries)
 
 
-def _single_threaded_blas():
+def single_threaded_blas():
     """Chunks run in parallel threads instead: the pair solver makes thousands of small
     matmuls, on which threaded BLAS spends more time synchronising than computing (and
     stalls badly on a busy machine)."""
@@ -181,7 +181,7 @@ class MixtureGeometry:
 
     def precompute_pairs(self):
         """Eigen-decompose ``W`` for every ordered pair of components of different classes."""
-        with _single_threaded_blas():
+        with single_threaded_blas():
             for j in range(len(self.means)):
                 for l in np.flatnonzero(self.component_class != self.component_class[j]):
                     self.pair_eig(j, l)
@@ -260,7 +260,7 @@ def certify(geometry, Z, method="exact", chunk_size=None, return_direction=False
 
     starts = range(0, n, chunk)
     n_jobs = max(1, min(len(starts), n_jobs or os.cpu_count() or 1))
-    with _single_threaded_blas():
+    with single_threaded_blas():
         if n_jobs == 1:
             for start in starts:
                 work(start)

@@ -10,6 +10,7 @@ Selection (``n0`` draws) uses full cold solves, so c_A is the standard DEQ's gue
 """
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -95,3 +96,122 @@ def certify_serialized(smoother, x, n0: int, n: int, alpha: float, steps: int = 
                                    f"d_upper={d_up}", time=time.perf_counter() - start,
                        extra={"p_lower": p_lower, "n_a": n_a, "solver_steps": evaluations[0],
                               "audit_disagreements": disagreements, "disagreements_upper": d_up})
+
+
+def _verified_parts(base):
+    """``(encoder, deq, contraction, head geometry)`` of a pipeline base whose encoder is a
+    contractive DEQ (``gmcert_cdeq``): encoder -> projection -> Gaussian head."""
+    from gmcert.smoothing.verified import HeadGeometry
+
+    parts = list(base) if isinstance(base, torch.nn.Sequential) else []
+    deq = getattr(parts[0], "network", None) if parts else None
+    if len(parts) != 3 or not hasattr(deq, "contraction_constants") or not hasattr(parts[2], "chol"):
+        raise DataError("verified serialized smoothing needs a pipeline whose encoder is a contractive DEQ "
+                        "(gmcert_cdeq): encoder -> projection -> Gaussian head")
+    projection, head = parts[1], parts[2]
+    width = deq.num_features
+    mean = getattr(projection, "mean", torch.zeros(width)).detach().cpu()
+    weight = getattr(projection, "weight", torch.eye(width)).detach().cpu()
+    geometry = HeadGeometry.build(mean, weight, head.means.cpu(), head.chol.cpu(), head.offset.cpu(),
+                                  head.component_class.cpu(), head.n_classes)
+    return parts[0], deq, deq.contraction_constants(), geometry
+
+
+def _chain_summary(deq, previous, now, u):
+    """What :func:`gmcert.smoothing.verified.verify` reads, from the float32 chain values:
+    ||z_k - z_{k-1}||, ||z_{k-1}||, ||z_k||, ||u||, z_k pooled as the encoder pools, and len(z)."""
+    norms = [(now - previous).flatten(1).norm(dim=1), previous.flatten(1).norm(dim=1), now.flatten(1).norm(dim=1),
+             u.flatten(1).norm(dim=1)]
+    # float32 norms: their rounding is within verify's terms (residual_error; NORM_ROUNDING)
+    return [v.double().cpu().numpy() for v in norms] + [deq.flatten(deq.pool(now)).double().cpu().numpy(),
+                                                       now[0].numel()]
+
+
+@torch.no_grad()
+def certify_verified(smoother, x, n0: int, n: int, alpha: float, steps: int = 4, warmup_interval=None,
+                     batch_size=None) -> Certificate:
+    """Cohen's CERTIFY of a contractive DEQ's standard classifier, its counted samples drawn by SRS
+    and each warm answer *verified* (:mod:`gmcert.smoothing.verified`): a sample takes up to
+    ``steps`` warm fixed-point steps from the chain's previous state, one at a time, until its
+    answer is proven equal to the standard DEQ's; one that is not proven by then is solved cold.
+    Every counted answer is the standard DEQ's own, so the count, and the certificate, are exactly
+    those of :meth:`Smoother.certify` at the same seed: no audit, the whole ``alpha`` for
+    Clopper-Pearson. The chain starts from the selection draws' cold fixed points, so no counted
+    batch needs to be cold; ``warmup_interval`` (default: never) still forces a cold batch every
+    that many, as plain SRS does.
+
+    ``extra``: ``solver_steps`` (cell evaluations, all solves), ``verified`` (warm answers proven),
+    ``cold`` (samples of the chain's cold batches), ``fallback`` (warm samples not proven, then solved
+    cold), ``p_lower``, ``n_a``; ``samples`` counts every base evaluation (n0 + n + fallback).
+    """
+    from gmcert.smoothing.stats import clopper_pearson_lower
+    from gmcert.smoothing.verified import verify
+
+    start = time.perf_counter()
+    if not (int(steps) >= 1 and (warmup_interval is None or int(warmup_interval) >= 1) and int(n0) >= 1
+            and int(n) >= 1):
+        raise DataError(f"need steps >= 1, warmup_interval >= 1, n0 >= 1 and n >= 1; got {steps}, "
+                        f"{warmup_interval}, {n0}, {n}")
+    encoder, deq, contraction, geometry = _verified_parts(smoother.base)
+    x = smoother._as_batch(x, single=True)[0]
+    batch_size = int(batch_size or smoother.batch_size)
+    deq.serial_state = None
+    evaluations, verified, cold_count = [0.0], 0, 0
+
+    def cold(batch):
+        scores = smoother._scores(batch)
+        evaluations[0] += deq.last_steps * len(batch)
+        return scores.argmax(1), deq.last_state
+
+    try:
+        counts = torch.zeros(smoother.num_classes, dtype=torch.long, device=smoother.device)
+        for size in [batch_size] * (n0 // batch_size) + [n0 % batch_size]:
+            if size:
+                answers, state = cold(x + smoother._noise(size, x.shape, smoother._pilot_gen))
+                counts += torch.bincount(answers, minlength=smoother.num_classes)
+        c_a = int(counts.argmax())
+        # the chain starts from the selection's fixed points (repeated to a batch): a warm start only
+        state = state.repeat((batch_size + len(state) - 1) // len(state), 1, 1, 1)[:batch_size]
+        n_a, unproven, reach, widest = 0, [], math.inf, 0.0
+        for t, begin in enumerate(range(0, int(n), batch_size)):
+            size = min(batch_size, int(n) - begin)
+            batch = x + smoother._noise(size, x.shape, smoother._count_gen)
+            if warmup_interval is not None and t % int(warmup_interval) == 0 and t > 0:
+                answers, state = cold(batch)
+                cold_count += size
+                n_a += int((answers == c_a).sum())
+                continue
+            current, pending = state[:size].clone(), torch.arange(size, device=smoother.device)
+            u = deq.stem((encoder.resize(batch) - encoder.mean) / encoder.std)  # the encoder's own pass
+            deq.cell.prepare()
+            for _ in range(int(steps)):
+                previous = current[pending]
+                now = deq.cell(previous, u[pending])
+                evaluations[0] += len(pending)
+                current[pending] = now
+                ok, cls, rho = verify(*_chain_summary(deq, previous, now, u[pending]), contraction, geometry, reach)
+                if ok.any():  # balls this wide were proven: rows with balls over twice as wide are not tried
+                    widest = max(widest, float(rho[ok].max()))
+                    reach = 2 * widest
+                n_a += int((cls[ok] == c_a).sum())
+                pending = pending[torch.as_tensor(~ok, device=smoother.device)]
+                if not len(pending):
+                    break
+            verified += size - len(pending)
+            unproven.append(batch[pending])  # solved cold below, together: their warm iterates stay in the chain
+            state = current
+        unproven = torch.cat(unproven) if unproven else x[:0]
+        fallback = len(unproven)
+        for begin in range(0, fallback, batch_size):
+            n_a += int((cold(unproven[begin:begin + batch_size])[0] == c_a).sum())
+    finally:
+        deq.serial_state = None
+    p_lower = float(clopper_pearson_lower(n_a, int(n), alpha))
+    prediction, radius = (ABSTAIN, 0.0) if p_lower < 0.5 else (c_a, smoother.sigma * float(ndtri(p_lower)))
+    solver_steps = int(round(evaluations[0]))
+    # samples: every base evaluation; a warm sample that was not proven is evaluated twice
+    return Certificate(prediction, radius, "probabilistic", "smoothing", samples=int(n0) + int(n) + fallback,
+                       stop_reason=f"verified:solver_steps={solver_steps},verified={verified}/{int(n)},"
+                                   f"cold={cold_count},fallback={fallback}", time=time.perf_counter() - start,
+                       extra={"p_lower": p_lower, "n_a": n_a, "solver_steps": solver_steps, "verified": verified,
+                              "cold": cold_count, "fallback": fallback})

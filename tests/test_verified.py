@@ -1,0 +1,191 @@
+"""Verified serialized smoothing of a contractive DEQ: the contraction is real, the standard solve
+meets its tolerance sample by sample, every verified warm answer is the standard DEQ's own answer
+(near decision boundaries too, down to float precision), and the certificate is exactly Cohen's."""
+import numpy as np
+import pytest
+import torch
+
+from gmcert.encoders.cdeq import dft_operator_norm
+from gmcert.errors import DataError
+from gmcert.inputs import load_inputs
+from gmcert.smoothing.srs import _chain_summary, _verified_parts, certify_verified
+from gmcert.smoothing.verified import STEM_RELATIVE, Contraction, verify
+from gmcert.train import TrainConfig, train_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def cdeq(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cdeq") / "model"
+    pipeline, record = train_model(out, encoder="gmcert_cdeq", config=TrainConfig(epochs=8, seed=0), device="cpu",
+                                   progress=False)
+    inputs = load_inputs({"data": "digits"}, channels=1)
+    test = np.asarray(pipeline.metadata["test_index"])
+    base = pipeline.torch_module()
+    return {"pipeline": pipeline, "record": record, "x": inputs.x[test], "y": inputs.labels[test], "base": base,
+            "parts": _verified_parts(base)}
+
+
+def _normalised(encoder, x):
+    return (encoder.resize(x) - encoder.mean) / encoder.std
+
+
+def test_a_contractive_deq_trains_on_digits(cdeq):
+    assert cdeq["record"]["network"]["clean_accuracy"] >= 0.95, cdeq["record"]["network"]
+    assert cdeq["parts"][2].lipschitz <= 0.5 * (1 + 1e-6)
+
+
+def test_the_certified_norms_bound_the_convolutions(cdeq):
+    net = cdeq["pipeline"].encoder.network
+    n1, n2, a1, a2 = net.cell.certified_norms()
+    for w, bound, abs_bound in zip(net.cell.weights, (n1, n2), (a1, a2)):
+        # power iteration on the actual zero-padded convolution (64 random starts) stays below the bound
+        v = torch.randn(64, 16, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        w64 = w.detach().double()
+        for _ in range(200):
+            v = torch.nn.functional.conv_transpose2d(torch.nn.functional.conv2d(v, w64, padding=1), w64, padding=1)
+            v = v / v.flatten(1).norm(dim=1)[:, None, None, None]
+        estimate = float(torch.nn.functional.conv2d(v, w64, padding=1).flatten(1).norm(dim=1).max())
+        assert estimate <= bound and bound <= estimate * 1.01, (estimate, bound)
+        assert float(dft_operator_norm(w64, (8, 8))) == pytest.approx(bound, rel=1e-6)
+        assert abs_bound >= bound
+
+
+def test_the_cell_contracts_even_against_an_adversary(cdeq):
+    net = cdeq["pipeline"].encoder.network
+    L = cdeq["parts"][2].lipschitz
+    g = torch.Generator().manual_seed(1)
+    u = net.stem(_normalised(cdeq["pipeline"].encoder, torch.as_tensor(cdeq["x"][:32]))).detach().double()
+    z = torch.randn(u.shape, generator=g, dtype=torch.float64).requires_grad_()
+    dz = (1e-2 * torch.randn(u.shape, generator=g, dtype=torch.float64)).requires_grad_()
+    w1, w2 = (w.detach().double() for w in net.cell.weights)
+    cell = lambda z: torch.relu(torch.nn.functional.conv2d(torch.relu(torch.nn.functional.conv2d(z, w1, padding=1)),  # noqa: E731
+                                                          w2, padding=1) + u)
+    optimiser = torch.optim.Adam([z, dz], lr=1e-2)
+    for _ in range(150):  # gradient ascent on the expansion ratio
+        ratio = (cell(z + dz) - cell(z)).flatten(1).norm(dim=1) / dz.flatten(1).norm(dim=1)
+        optimiser.zero_grad()
+        (-ratio.sum()).backward()
+        optimiser.step()
+    worst = float(ratio.detach().max())
+    assert worst <= L, (worst, L)
+    assert worst > 0.3 * L  # the adversary got somewhere: the check can fail
+
+
+def test_the_standard_solve_meets_its_tolerance_whatever_the_batch(cdeq):
+    net = cdeq["pipeline"].encoder.network.eval()
+    enc = cdeq["pipeline"].encoder
+    x = torch.as_tensor(cdeq["x"][:40]) + 0.25 * torch.randn(40, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        alone = torch.cat([enc(x[i:i + 1]) for i in range(8)])
+        together = enc(x)[:8]
+        u = net.stem(_normalised(enc, x))
+        z = net.last_state
+        residual = (net.cell(z, u) - z).flatten(1).norm(dim=1)
+    assert float(residual.max()) <= net.tol
+    assert torch.allclose(alone, together, rtol=1e-5, atol=1e-5)
+    # the stem's batch-to-batch rounding is far inside what verification assumes
+    with torch.no_grad():
+        stems = [net.stem(_normalised(enc, x[:k]))[:8] for k in (8, 17, 40)]
+    gap = max(float(((s - stems[0]).flatten(1).norm(dim=1) / stems[0].flatten(1).norm(dim=1)).max()) for s in stems)
+    assert gap <= STEM_RELATIVE / 10
+
+
+def _boundary_inputs(cdeq, pairs=6, offsets=(1e-2, 1e-4, 1e-6, 0.0)):
+    """Images on both sides of the standard DEQ's decision boundary, at ``offsets`` from it along a
+    segment between two differently classified test images (bisection to float precision)."""
+    base = cdeq["base"]
+    x, out = torch.as_tensor(cdeq["x"]), []
+    with torch.no_grad():
+        labels = base(x[:60]).argmax(1)
+        found = 0
+        for i in range(60):
+            j = int(torch.nonzero(labels != labels[i])[found % 7])
+            a, b = x[i], x[j]
+            lo, hi = 0.0, 1.0
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                same = int(base(((1 - mid) * a + mid * b)[None]).argmax()) == int(labels[i])
+                lo, hi = (mid, hi) if same else (lo, mid)
+            out += [(1 - t) * a + t * b for o in offsets for t in (lo - o, hi + o)]
+            found += 1
+            if found == pairs:
+                break
+    return torch.stack(out)
+
+
+def test_every_verified_answer_is_the_standard_answer_near_boundaries(cdeq):
+    encoder, deq, contraction, geometry = cdeq["parts"]
+    base = cdeq["base"]
+    near = _boundary_inputs(cdeq)
+    g = torch.Generator().manual_seed(3)
+    noisy = torch.cat([near, near + 0.25 * torch.randn(near.shape, generator=g),
+                       torch.as_tensor(cdeq["x"][:100]) + 0.25 * torch.randn(100, 1, 8, 8, generator=g)])
+    proven = wrong = 0
+    with torch.no_grad():
+        standard = torch.cat([base(noisy[i:i + 7]).argmax(1) for i in range(0, len(noisy), 7)])  # other batches
+        u = deq.stem(_normalised(encoder, noisy))
+        starts = {"neighbour": torch.roll(deq.forward_features(_normalised(encoder, noisy)), 1, 0),
+                  "zero": torch.zeros_like(u)}
+        deq.cell.prepare()
+        for start in starts.values():
+            z = start
+            for _ in range(8):
+                previous, z = z, deq.cell(z, u)
+                ok, cls, _ = verify(*_chain_summary(deq, previous, z, u), contraction, geometry)
+                proven += int(ok.sum())
+                wrong += int((torch.as_tensor(cls[ok]) != standard[torch.as_tensor(ok)]).sum())
+    assert wrong == 0
+    assert proven > len(noisy)  # most rows are proven at some step: the check is not vacuous
+
+
+def test_an_understated_contraction_is_caught_by_the_same_check(cdeq):
+    """The check above can fail: claiming L = 0.001 'proves' answers the standard DEQ does not give."""
+    encoder, deq, contraction, geometry = cdeq["parts"]
+    fake = Contraction(norms=(0.03, 0.03), abs_norms=contraction.abs_norms, dot=contraction.dot, tol=contraction.tol,
+                       window=contraction.window)
+    near = _boundary_inputs(cdeq, pairs=6, offsets=(1e-2, 1e-3))
+    with torch.no_grad():
+        standard = cdeq["base"](near).argmax(1)
+        u = deq.stem(_normalised(encoder, near))
+        deq.cell.prepare()
+        previous = deq.cell(torch.zeros_like(u), u)  # two steps from a cold start: far from the fixed point
+        z = deq.cell(previous, u)
+        ok, cls, _ = verify(*_chain_summary(deq, previous, z, u), fake, geometry)
+        honest, _, _ = verify(*_chain_summary(deq, previous, z, u), contraction, geometry)
+    assert int((torch.as_tensor(cls[ok]) != standard[torch.as_tensor(ok)]).sum()) > 0
+    assert not honest.any()
+
+
+def test_verified_srs_is_cohens_certificate_at_a_fraction_of_the_cost(cdeq):
+    pipeline, base = cdeq["pipeline"], cdeq["base"]
+    calls = [0]
+    base.register_forward_hook(lambda module, inputs, output: calls.__setitem__(0, calls[0] + len(inputs[0])))
+    from gmcert.smoothing.smoother import Smoother
+
+    smoother = Smoother(base, num_classes=len(pipeline.head.classes_), sigma=0.25, batch_size=250, seed=0)
+    n0, n = 50, 2000
+    for i in range(4):
+        image = torch.as_tensor(cdeq["x"][i])
+        smoother.reseed(i)
+        standard = smoother.certify(image, n0, n, 0.001)
+        smoother.reseed(i)
+        calls[0] = 0
+        cert = certify_verified(smoother, image, n0, n, 0.001, steps=6)
+        assert (cert.prediction, cert.radius, cert.extra["n_a"]) == (standard.prediction, standard.radius,
+                                                                     standard.extra["n_a"])
+        extra = cert.extra
+        assert extra["verified"] + extra["fallback"] + extra["cold"] == n and extra["verified"] > n / 2
+        assert calls[0] == n0 + extra["fallback"] and cert.samples == n0 + n + extra["fallback"]
+        cold_steps = pipeline.encoder.network.last_steps
+        assert 0 < extra["solver_steps"] < (n0 + n) * cold_steps
+        assert cert.stop_reason.startswith("verified:")
+
+
+def test_verified_srs_needs_a_contractive_deq():
+    from gmcert.smoothing.smoother import Smoother
+
+    smoother = Smoother(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3)), num_classes=3, sigma=0.25)
+    with pytest.raises(DataError, match="contractive DEQ"):
+        certify_verified(smoother, torch.rand(1, 8, 8), 10, 100, 0.01)
