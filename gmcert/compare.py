@@ -28,7 +28,7 @@ from gmcert.report import (
     write_text_atomic,
 )
 
-METHODS = ("gm-exact", "gm-closed", "cohen", "sequential", "srs")
+METHODS = ("gm-exact", "gm-closed", "cohen", "sequential", "srs", "srs-verified")
 N_PILOT = 32  # the sequential smoother's pilot draws (``Smoother.certify_sequential``'s default)
 
 
@@ -50,7 +50,8 @@ class CompareConfig:
     #: smooth another model (a noise-trained base) on the same inputs, beside this one's closed form
     smoothing_model: str | None = None
     #: serialized smoothing of a DEQ base (method "srs"): solver steps per warm solve (one row each),
-    #: a full cold batch every ``warmup_interval`` batches, ``audit_size`` chain samples re-solved cold
+    #: a full cold batch every ``warmup_interval`` batches, ``audit_size`` chain samples re-solved cold;
+    #: "srs-verified" (a contractive DEQ): the most warm steps tried before a cold solve, no audit
     srs_steps: list = field(default_factory=lambda: [1, 3])
     warmup_interval: int = 10
     audit_size: int = 1000
@@ -72,8 +73,9 @@ class CompareConfig:
         if "sequential" in self.methods and not self.max_samples > N_PILOT:
             raise DataError(f"max_samples ({self.max_samples}) must exceed the sequential smoother's "
                             f"{N_PILOT} pilot draws")
-        if "srs" in self.methods and not (self.srs_steps and min(self.srs_steps) >= 1 and self.warmup_interval >= 1
-                                          and 0 <= self.audit_size <= min(int(n) for n in self.cohen_n)):
+        audit_ok = "srs" not in self.methods or 0 <= self.audit_size <= min(int(n) for n in self.cohen_n)
+        if {"srs", "srs-verified"} & set(self.methods) and not (
+                self.srs_steps and min(self.srs_steps) >= 1 and self.warmup_interval >= 1 and audit_ok):
             raise DataError(f"srs needs steps >= 1, warmup_interval >= 1 and 0 <= audit_size <= every Cohen n; got "
                             f"{self.srs_steps}, {self.warmup_interval}, {self.audit_size}, {self.cohen_n}")
         if not (math.isfinite(self.radius_tol) and self.radius_tol > 0):
@@ -82,9 +84,10 @@ class CompareConfig:
     def method_names(self) -> list[str]:
         names, other = [], f"-of-{Path(self.smoothing_model).name}" if self.smoothing_model else ""
         for method in self.methods:
-            if method in ("cohen", "srs"):
+            if method in ("cohen", "srs", "srs-verified"):
+                prefix = "srsv" if method == "srs-verified" else "srs"
                 names += [f"cohen-n{int(n)}{other}" for n in self.cohen_n] if method == "cohen" else \
-                    [f"srs{int(k)}-n{int(n)}{other}" for n in self.cohen_n for k in self.srs_steps]
+                    [f"{prefix}{int(k)}-n{int(n)}{other}" for n in self.cohen_n for k in self.srs_steps]
             else:
                 names.append(method if method.startswith("gm-") else method + other)
             if self.estimate and method.startswith("gm-"):
@@ -114,7 +117,11 @@ def _run_method(name, pipeline, smoother, x, config, smoothed=None):
         return pipeline.certify(x[None], method=method, lipschitz=lipschitz)[0]
     start = time.perf_counter()
     image = torch.as_tensor(x, dtype=torch.float32)
-    if name.startswith("srs"):  # "srs<steps>-n<n>[-of-<model>]"
+    if name.startswith("srsv"):  # "srsv<steps>-n<n>[-of-<model>]": verified, a contractive DEQ
+        steps, n = (int(v) for v in name[len("srsv"):].split("-of-")[0].split("-n"))
+        cert = smoother.certify_serialized(image, n0=config.n0, n=n, alpha=config.alpha, steps=steps, verify=True,
+                                           batch_size=config.batch_size)
+    elif name.startswith("srs"):  # "srs<steps>-n<n>[-of-<model>]"
         steps, n = (int(v) for v in name[len("srs"):].split("-of-")[0].split("-n"))
         cert = smoother.certify_serialized(image, n0=config.n0, n=n, alpha=config.alpha, steps=steps,
                                            warmup_interval=config.warmup_interval, audit_size=config.audit_size,

@@ -308,8 +308,8 @@ def iter_certify_smoothing(pipeline, X, sigma: float, alpha: float, n0: int, n: 
     with no closed form: for encoders it cannot serve (deep equilibrium models).
 
     ``serialized``: keyword arguments of :meth:`Smoother.certify_serialized` (``steps``,
-    ``warmup_interval``, ``audit_size``) to draw the counted samples by serialized smoothing; the
-    classifier certified is still the standard DEQ's. Each input's generator is reseeded from
+    ``warmup_interval``, ``audit_size``, ``verify``) to draw the counted samples by serialized
+    smoothing; the classifier certified is still the standard DEQ's. Each input's generator is reseeded from
     ``seed + seeds[i]`` (default ``seed + i``), so a resumed run reproduces an uninterrupted one.
     """
     import torch

@@ -189,3 +189,66 @@ def test_verified_srs_needs_a_contractive_deq():
     smoother = Smoother(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3)), num_classes=3, sigma=0.25)
     with pytest.raises(DataError, match="contractive DEQ"):
         certify_verified(smoother, torch.rand(1, 8, 8), 10, 100, 0.01)
+
+
+def _model_dir(cdeq, tmp_path):
+    import shutil
+
+    model = tmp_path / "cdeq"
+    shutil.copytree(cdeq["pipeline"].bundled_files["encoder.toml"].parent, model)
+    return model
+
+
+def test_certify_verify_writes_cohens_rows_and_resumes(cdeq, tmp_path, interrupt_smoothing):
+    from gmcert.cli import main
+    from gmcert.report import read_tsv
+
+    model = _model_dir(cdeq, tmp_path)
+    common = ["certify", "--model", str(model), "--method", "smoothing", "--n-samples", "1500", "--n0", "20",
+              "--limit", "3", "--cache-dir", ""]
+    assert main([*common, "--out", str(tmp_path / "cohen.tsv")]) == 0
+    args = [*common, "--serialized", "--verify"]
+    assert main([*args, "--out", str(tmp_path / "srs.tsv")]) == 0
+    cohen, srs = read_tsv(tmp_path / "cohen.tsv"), read_tsv(tmp_path / "srs.tsv")
+    same = ("idx", "label", "predict", "radius", "correct", "radius_kind")
+    assert [{k: r[k] for k in same} for r in srs] == [{k: r[k] for k in same} for r in cohen]
+    for r in srs:
+        fields = dict(f.split("=") for f in r["stop_reason"].split(":")[1].split(","))
+        assert int(fields["verified"].split("/")[0]) > 750 and r["samples"] == 1520 + int(fields["fallback"])
+    arm, disarm = interrupt_smoothing
+    arm(1)
+    assert main([*args, "--out", str(tmp_path / "cut.tsv")]) == 130
+    disarm()
+    assert main([*args, "--out", str(tmp_path / "cut.tsv")]) == 0
+    drop = ("time", "latent_radius")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in read_tsv(tmp_path / "cut.tsv")] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in srs]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "smoothing", "--verify"], "use it with --serialized"),
+    (["--method", "smoothing", "--serialized", "--verify", "--audit-size", "10"], "takes no --audit-size"),
+])
+def test_certify_verify_refuses_bad_use(cdeq, tmp_path, capsys, extra, message):
+    from gmcert.cli import main
+
+    model = _model_dir(cdeq, tmp_path)
+    assert main(["certify", "--model", str(model), "--limit", "2", "--cache-dir", "", "--out",
+                 str(tmp_path / "c.tsv"), *extra]) == 2
+    assert message in capsys.readouterr().err and not list(tmp_path.glob("c.*"))
+
+
+def test_compare_puts_verified_srs_beside_cohen(cdeq, tmp_path):
+    import json
+
+    from gmcert.cli import main
+    from gmcert.report import read_tsv
+
+    model = _model_dir(cdeq, tmp_path)
+    assert main(["compare", "--model", str(model), "--methods", "cohen,srs-verified", "--cohen-n", "600", "--srs", "6",
+                 "--n-inputs", "2", "--cache-dir", ""]) == 0
+    summary = json.loads((model / "compare" / "summary.json").read_text())
+    assert set(summary["methods"]) == {"cohen-n600", "srsv6-n600"}
+    cohen, srs = (read_tsv(model / "compare" / f"{m}.tsv") for m in ("cohen-n600", "srsv6-n600"))
+    assert [r["radius"] for r in srs] == [r["radius"] for r in cohen]
+    assert all(r["stop_reason"].startswith("verified:solver_steps=") for r in srs)

@@ -64,9 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="--method smoothing: Cohen's n, the counted draws (default 10000)")
     cert.add_argument("--serialized", action="store_true",
                       help="--method smoothing of a DEQ: draw the counted samples by serialized smoothing (SRS)")
-    cert.add_argument("--steps", type=int, default=3, help="--serialized: solver steps per warm solve (default 3)")
-    cert.add_argument("--warmup-interval", type=int, default=10, help="--serialized: a cold batch every this many")
-    cert.add_argument("--audit-size", type=int, default=1000, help="--serialized: chain samples re-solved cold")
+    cert.add_argument("--verify", action="store_true",
+                      help="--serialized, contractive DEQ (gmcert_cdeq): prove each warm answer equal to the "
+                           "standard DEQ's (or solve it cold): Cohen's exact count, no audit")
+    cert.add_argument("--steps", type=int, default=None,
+                      help="--serialized: solver steps per warm solve (default 3; with --verify the most tried "
+                           "before a cold solve, default 6)")
+    cert.add_argument("--warmup-interval", type=int, default=None,
+                      help="--serialized: a cold batch every this many (default 10; with --verify none)")
+    cert.add_argument("--audit-size", type=int, default=None,
+                      help="--serialized: chain samples re-solved cold (default 1000; --verify has no audit)")
 
     diag = sub.add_parser("diagnose", help="measure how far the latents are from the fitted mixture")
     _add_data_args(diag, "npz with z (n, d) and y (n,)")
@@ -83,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--model", default=DEFAULT_MODEL)
     comp.add_argument("--out", default=None, help="output directory (default <model>/compare)")
     comp.add_argument("--methods", default="gm-exact,cohen,sequential",
-                      help="comma-separated: gm-exact, gm-closed, cohen, sequential")
+                      help="comma-separated: gm-exact, gm-closed, cohen, sequential, srs (a DEQ), srs-verified "
+                           "(a contractive DEQ)")
     comp.add_argument("--sigma", type=float, default=0.25)
     comp.add_argument("--alpha", type=float, default=0.001)
     comp.add_argument("--radii", type=_radii, default=None, help="radius grid (default 0..2 sigma)")
@@ -98,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--estimate", action="store_true", help="also show CLEVER-estimated GM radii (not sound)")
     comp.add_argument("--srs", default="1,3", metavar="STEPS",
                       help="method srs (serialized smoothing of a DEQ, at each Cohen n): solver steps per warm solve")
-    comp.add_argument("--warmup-interval", type=int, default=10, help="srs: a cold batch every this many")
+    comp.add_argument("--warmup-interval", type=int, default=10,
+                      help="srs: a cold batch every this many (srs-verified: none)")
     comp.add_argument("--audit-size", type=int, default=1000, help="srs: chain samples re-solved cold")
     comp.add_argument("--smoothing-model", default=None,
                       help="smooth this model (e.g. a noise-trained base) on the same inputs, beside --model's "

@@ -26,6 +26,10 @@ def cmd_certify(args) -> int:
         raise DataError("--method smoothing certifies every input by smoothing: it takes no --fallback")
     if args.serialized and args.method != "smoothing":
         raise DataError("--serialized draws smoothing samples: use it with --method smoothing")
+    if args.verify and not args.serialized:
+        raise DataError("--verify proves serialized smoothing's warm answers: use it with --serialized")
+    if args.verify and args.audit_size is not None:
+        raise DataError("--verify proves every warm answer: it takes no --audit-size")
     if args.calibrate and args.fallback == "none":
         raise DataError("--calibrate chooses the routing threshold of --fallback smoothing")
     out = Path(args.out) if args.out else Path(args.model) / "certify.tsv"
@@ -88,8 +92,8 @@ def _certify(args, pipeline, inputs, seeds):
     if args.method == "smoothing":
         from gmcert.hybrid import iter_certify_smoothing
 
-        serialized = {"steps": args.steps, "warmup_interval": args.warmup_interval,
-                      "audit_size": args.audit_size} if args.serialized else None
+        serialized = {"steps": args.steps, "warmup_interval": args.warmup_interval, "audit_size": args.audit_size,
+                      "verify": args.verify} if args.serialized else None
         return iter_certify_smoothing(pipeline, inputs.x, args.sigma, args.alpha, args.n0, args.n_samples, args.seed, seeds,
                                       serialized)
     if args.fallback == "none":

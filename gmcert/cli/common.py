@@ -16,7 +16,7 @@ DEFAULT_CACHE = str(Path("~/.cache/gmcert/latents").expanduser())
 #: what a certify TSV's rows depend on: a resumed run (or another rank) must share them
 CERTIFY_SETTINGS = ("method", "lipschitz", "fallback", "target_radius", "mismatch_threshold", "route_threshold",
                     "calibrate", "sigma", "alpha", "max_samples", "seed", "n0", "n_samples", "serialized", "steps",
-                    "warmup_interval", "audit_size", "data", "latents")
+                    "warmup_interval", "audit_size", "verify", "data", "latents")
 
 
 def _radii(text: str) -> list[float]:

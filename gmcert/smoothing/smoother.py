@@ -230,11 +230,25 @@ class Smoother:
                            samples=n0 + n, stop_reason="fixed_n",
                            time=time.perf_counter() - start, extra={"p_lower": p_lower, "n_a": n_a})
 
-    def certify_serialized(self, x, n0, n, alpha, steps=3, warmup_interval=10, audit_size=1000, **kwargs):
-        """CERTIFY of a deep-equilibrium base by serialized smoothing (:mod:`gmcert.smoothing.srs`)."""
-        from gmcert.smoothing.srs import certify_serialized
+    def certify_serialized(self, x, n0, n, alpha, steps=None, warmup_interval=None, audit_size=None, verify=False,
+                           **kwargs):
+        """CERTIFY of a deep-equilibrium base by serialized smoothing (:mod:`gmcert.smoothing.srs`).
 
-        return certify_serialized(self, x, n0, n, alpha, steps, warmup_interval, audit_size, **kwargs)
+        ``verify=False``: warm answers corrected by a blind audit of ``audit_size`` (default 1000)
+        chain samples, ``steps`` (default 3) per warm solve, a cold batch every ``warmup_interval``
+        (default 10). ``verify=True`` (a contractive DEQ, ``gmcert_cdeq``): each warm answer is proven
+        equal to the standard DEQ's within ``steps`` (default 6) steps or solved cold, so the
+        certificate is exactly Cohen's; no audit, no cold batches unless ``warmup_interval`` asks.
+        """
+        from gmcert.smoothing.srs import certify_serialized, certify_verified
+
+        if verify:
+            if audit_size:
+                raise DataError("verified serialized smoothing proves each warm answer: it takes no audit_size")
+            return certify_verified(self, x, n0, n, alpha, 6 if steps is None else steps, warmup_interval, **kwargs)
+        return certify_serialized(self, x, n0, n, alpha, 3 if steps is None else steps,
+                                  10 if warmup_interval is None else warmup_interval,
+                                  1000 if audit_size is None else audit_size, **kwargs)
 
     # -- sequential ----------------------------------------------------------------------------
 
