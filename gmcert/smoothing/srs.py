@@ -100,7 +100,20 @@ def certify_serialized(smoother, x, n0: int, n: int, alpha: float, steps: int = 
 
 def _verified_parts(base):
     """``(encoder, deq, contraction, head geometry)`` of a pipeline base whose encoder is a
-    contractive DEQ (``gmcert_cdeq``): encoder -> projection -> Gaussian head."""
+    contractive DEQ (``gmcert_cdeq``): encoder -> projection -> Gaussian head. Kept on the base
+    until any of its parameters or buffers changes (their storage or version counters)."""
+    state = [*base.parameters(), *base.buffers()] if isinstance(base, torch.nn.Module) else []
+    key = tuple((t.data_ptr(), t._version) for t in state)
+    cached = getattr(base, "_gmcert_verified", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    parts = _build_verified_parts(base)
+    parts[3].precomputed()
+    base._gmcert_verified = (key, parts)
+    return parts
+
+
+def _build_verified_parts(base):
     from gmcert.smoothing.verified import HeadGeometry
 
     parts = list(base) if isinstance(base, torch.nn.Sequential) else []
@@ -172,7 +185,7 @@ def certify_verified(smoother, x, n0: int, n: int, alpha: float, steps: int = 4,
         c_a = int(counts.argmax())
         # the chain starts from the selection's fixed points (repeated to a batch): a warm start only
         state = state.repeat((batch_size + len(state) - 1) // len(state), 1, 1, 1)[:batch_size]
-        n_a, unproven, reach, widest = 0, [], math.inf, 0.0
+        n_a, unproven, reach, widest, earliest, first = 0, [], math.inf, 0.0, 0, int(steps)
         for t, begin in enumerate(range(0, int(n), batch_size)):
             size = min(batch_size, int(n) - begin)
             batch = x + smoother._noise(size, x.shape, smoother._count_gen)
@@ -184,20 +197,23 @@ def certify_verified(smoother, x, n0: int, n: int, alpha: float, steps: int = 4,
             current, pending = state[:size].clone(), torch.arange(size, device=smoother.device)
             u = deq.stem((encoder.resize(batch) - encoder.mean) / encoder.std)  # the encoder's own pass
             deq.cell.prepare()
-            for _ in range(int(steps)):
+            for step in range(int(steps)):
                 previous = current[pending]
                 now = deq.cell(previous, u[pending])
                 evaluations[0] += len(pending)
                 current[pending] = now
+                if step < earliest and step < int(steps) - 1:  # no earlier step has proven anything yet
+                    continue
                 ok, cls, rho = verify(*_chain_summary(deq, previous, now, u[pending]), contraction, geometry, reach)
                 if ok.any():  # balls this wide were proven: rows with balls over twice as wide are not tried
                     widest = max(widest, float(rho[ok].max()))
-                    reach = 2 * widest
+                    reach, first = 2 * widest, min(first, step)
                 n_a += int((cls[ok] == c_a).sum())
                 pending = pending[torch.as_tensor(~ok, device=smoother.device)]
                 if not len(pending):
                     break
             verified += size - len(pending)
+            earliest = first  # from the next batch on, verification starts at the first step that proved anything
             unproven.append(batch[pending])  # solved cold below, together: their warm iterates stay in the chain
             state = current
         unproven = torch.cat(unproven) if unproven else x[:0]
