@@ -92,6 +92,26 @@ def test_the_standard_solve_meets_its_tolerance_whatever_the_batch(cdeq):
     assert gap <= STEM_RELATIVE / 10
 
 
+def test_the_float32_cell_errs_within_its_rounding_bound(cdeq):
+    """verify's e_F (the dot-product bound) holds for the convolution kernels this torch picks."""
+    net = cdeq["pipeline"].encoder.network
+    contraction = cdeq["parts"][2]
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for size in (1, 7, 250, 1000):
+            x = torch.as_tensor(cdeq["x"][:size]) if size <= len(cdeq["x"]) else torch.rand(size, 1, 8, 8, generator=g)
+            u = net.stem(_normalised(cdeq["pipeline"].encoder, x))
+            z = 3 * torch.rand(u.shape, generator=g)
+            net.cell.prepare()
+            w1, w2 = (w.double() for w in net.cell.weights)
+            exact = torch.relu(torch.nn.functional.conv2d(torch.relu(torch.nn.functional.conv2d(z.double(), w1, padding=1)),
+                                                          w2, padding=1) + u.double())
+            error = (net.cell(z, u).double() - exact).flatten(1).norm(dim=1)
+            bound = contraction.cell_error(z.double().flatten(1).norm(dim=1).numpy(), u.double().flatten(1).norm(dim=1).numpy())
+            assert np.all(error.numpy() <= bound), (size, float((error.numpy() / bound).max()))
+            assert float((error.numpy() / bound).max()) > 1e-4  # worst case over typical: not absurdly loose
+
+
 def _boundary_inputs(cdeq, pairs=6, offsets=(1e-2, 1e-4, 1e-6, 0.0)):
     """Images on both sides of the standard DEQ's decision boundary, at ``offsets`` from it along a
     segment between two differently classified test images (bisection to float precision)."""

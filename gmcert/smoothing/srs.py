@@ -7,6 +7,10 @@ start and a full solve (``DEQNet``'s evaluation solve). The warm answers are cor
 audit (:mod:`gmcert.smoothing.serialized`, where the argument is): ``audit_size`` chain indices,
 drawn before any counted noise from the selection stream, are re-solved cold at the same noise.
 Selection (``n0`` draws) uses full cold solves, so c_A is the standard DEQ's guess.
+
+For a contractive DEQ (``gmcert_cdeq``), :func:`certify_verified` needs no audit: each warm answer
+is proven equal to the standard DEQ's (:mod:`gmcert.smoothing.verified`) or solved cold, so the
+count is the standard DEQ's own and Cohen's CERTIFY applies to it unchanged.
 """
 from __future__ import annotations
 
@@ -141,7 +145,7 @@ def _chain_summary(deq, previous, now, u):
 
 
 @torch.no_grad()
-def certify_verified(smoother, x, n0: int, n: int, alpha: float, steps: int = 4, warmup_interval=None,
+def certify_verified(smoother, x, n0: int, n: int, alpha: float, steps: int = 6, warmup_interval=None,
                      batch_size=None) -> Certificate:
     """Cohen's CERTIFY of a contractive DEQ's standard classifier, its counted samples drawn by SRS
     and each warm answer *verified* (:mod:`gmcert.smoothing.verified`): a sample takes up to
@@ -209,10 +213,10 @@ def certify_verified(smoother, x, n0: int, n: int, alpha: float, steps: int = 4,
                     widest = max(widest, float(rho[ok].max()))
                     reach, first = 2 * widest, min(first, step)
                 n_a += int((cls[ok] == c_a).sum())
+                verified += int(ok.sum())
                 pending = pending[torch.as_tensor(~ok, device=smoother.device)]
                 if not len(pending):
                     break
-            verified += size - len(pending)
             earliest = first  # from the next batch on, verification starts at the first step that proved anything
             unproven.append(batch[pending])  # solved cold below, together: their warm iterates stay in the chain
             state = current
