@@ -1,6 +1,6 @@
 """Regenerate the README's results section from a real run on the embedded default.
 
-    python scripts/reproduce_readme.py   # fit and train (if needed), compare, bench_train, bench_lipschitz, bench_srs, bench_distributed; rewrite README + docs/*.png
+    python scripts/reproduce_readme.py   # fit and train (if needed), compare, bench_train, bench_lipschitz, bench_srs (two DEQs), bench_distributed; rewrite README + docs/*.png
 
 Every number in the section comes from this script's run; none is typed by hand.
 """
@@ -50,11 +50,12 @@ def main(argv=None) -> int:
         out = Path(arguments[arguments.index("--out") + 1])
         return 0 if args.reuse and (out / "summary.md").is_file() else gmcert(["compare", *arguments])
 
-    def bench(script, out) -> bool:
+    def bench(script, out, *extra) -> bool:
         """Run ``scripts/<script>`` into ``out``; True on success (or a kept summary under --reuse)."""
         if args.reuse and (out / "summary.md").is_file():
             return True
-        return subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--out", str(out)]).returncode == 0
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--out", str(out),
+                               *extra]).returncode == 0
 
     runs = Path(args.runs)
     default, raw = runs / "default", runs / "raw-pixels"
@@ -86,8 +87,8 @@ def main(argv=None) -> int:
     bench_lipschitz = runs / "bench-lipschitz"
     if not bench("bench_lipschitz.py", bench_lipschitz):
         return 1
-    bench_srs = runs / "bench-srs"
-    if not bench("bench_srs.py", bench_srs):
+    bench_srs, bench_srs_mdeq = runs / "bench-srs", runs / "bench-srs-mdeq"
+    if not bench("bench_srs.py", bench_srs) or not bench("bench_srs.py", bench_srs_mdeq, "--encoder", "gmcert_deq"):
         return 1
     bench_distributed = runs / "bench-distributed"
     if not bench("bench_distributed.py", bench_distributed):
@@ -150,6 +151,9 @@ def main(argv=None) -> int:
         (bench_lipschitz / "summary.md").read_text().strip(), "",
         "### A DEQ by serialized smoothing: `python scripts/bench_srs.py`", "",
         (bench_srs / "summary.md").read_text().strip(), "",
+        "### The same for an unconstrained DEQ: `python scripts/bench_srs.py --encoder gmcert_deq`", "",
+        "No contraction, so no verified row: the audit is the only sound correction here.", "",
+        (bench_srs_mdeq / "summary.md").read_text().strip(), "",
         "### Scale-out: `python scripts/bench_distributed.py` (1 against 2 processes under torchrun)", "",
         (bench_distributed / "summary.md").read_text().strip(), "",
         "### Target mode against a betting CS checked at every draw: `python scripts/bench_smoothing.py "
