@@ -34,6 +34,25 @@ def _normalised(encoder, x):
 def test_a_contractive_deq_trains_on_digits(cdeq):
     assert cdeq["record"]["network"]["clean_accuracy"] >= 0.95, cdeq["record"]["network"]
     assert cdeq["parts"][2].lipschitz <= 0.5 * (1 + 1e-6)
+    assert cdeq["parts"][2].unit == 2.0 ** -24  # float32 on the CPU (TF32's unit on CUDA when allowed)
+
+
+def test_verify_proves_nothing_where_its_own_bounds_do_not_hold(cdeq):
+    """A cell with L >= 1, or iterates so large that the rounding cap fails, prove nothing; the same
+    rows with sane figures are proven (so the refusals are not the check failing for another reason)."""
+    _, _, contraction, geometry = cdeq["parts"]
+    latent_mean = geometry.means[0]
+    # features whose latent is the first class mean (projection rows are orthonormal): a clear winner
+    features = np.linalg.lstsq(geometry.proj_weight, latent_mean, rcond=None)[0] + geometry.proj_mean
+    args = dict(residual=np.full(3, 1e-4), previous_norm=np.full(3, 10.0), current_norm=np.full(3, 10.0),
+                u_norm=np.full(3, 10.0), features=np.tile(features, (3, 1)), dim=1024)
+    ok, cls, _ = verify(**args, contraction=contraction, head=geometry)
+    assert ok.all() and (cls == 0).all()
+    expanding = Contraction(norms=(1.0, 1.0), abs_norms=contraction.abs_norms, dot=contraction.dot,
+                            tol=contraction.tol, window=contraction.window)
+    assert not verify(**args, contraction=expanding, head=geometry)[0].any()
+    huge = {**args, "current_norm": np.full(3, 1e12), "previous_norm": np.full(3, 1e12)}
+    assert not verify(**huge, contraction=contraction, head=geometry)[0].any()
 
 
 def test_the_certified_norms_bound_the_convolutions(cdeq):

@@ -184,13 +184,16 @@ class ContractiveDEQ(TimmModel):
         self.serial_state, self.serial_steps = None, 1
 
     def contraction_constants(self):
-        """The certified constants verification needs (:class:`gmcert.smoothing.verified.Contraction`)."""
-        from gmcert.smoothing.verified import Contraction
+        """The certified constants verification needs (:class:`gmcert.smoothing.verified.Contraction`),
+        with the unit roundoff this module's device computes in: TF32's where CUDA allows it."""
+        from gmcert.smoothing.verified import TF32, U32, Contraction
 
         n1, n2, a1, a2 = self.cell.certified_norms()
         k = self.pool.kernel_size
+        cuda = self.cell.conv1.weight.device.type == "cuda"
+        tf32 = cuda and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
         return Contraction(norms=(n1, n2), abs_norms=(a1, a2), dot=self.cell.conv1.in_channels * 9, tol=self.tol,
-                           window=int(k[0] * k[1]))
+                           window=int(k[0] * k[1]), unit=TF32 if tf32 else U32)
 
     def forward_features(self, x):
         if tuple(x.shape[-2:]) != self.cell.hw:
