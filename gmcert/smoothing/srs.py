@@ -198,27 +198,29 @@ def certify_verified(smoother, x, n0: int, n: int, alpha: float, steps: int = 6,
                 cold_count += size
                 n_a += int((answers == c_a).sum())
                 continue
-            current, pending = state[:size].clone(), torch.arange(size, device=smoother.device)
+            current = state[:size].clone()
             u = deq.stem((encoder.resize(batch) - encoder.mean) / encoder.std)  # the encoder's own pass
             deq.cell.prepare()
+            z, u_left, left = current, u, torch.arange(size, device=smoother.device)  # the rows not proven yet
             for step in range(int(steps)):
-                previous = current[pending]
-                now = deq.cell(previous, u[pending])
-                evaluations[0] += len(pending)
-                current[pending] = now
+                previous, z = z, deq.cell(z, u_left)
+                evaluations[0] += len(left)
                 if step < earliest and step < int(steps) - 1:  # no earlier step has proven anything yet
                     continue
-                ok, cls, rho = verify(*_chain_summary(deq, previous, now, u[pending]), contraction, geometry, reach)
+                ok, cls, rho = verify(*_chain_summary(deq, previous, z, u_left), contraction, geometry, reach)
                 if ok.any():  # balls this wide were proven: rows with balls over twice as wide are not tried
                     widest = max(widest, float(rho[ok].max()))
                     reach, first = 2 * widest, min(first, step)
                 n_a += int((cls[ok] == c_a).sum())
                 verified += int(ok.sum())
-                pending = pending[torch.as_tensor(~ok, device=smoother.device)]
-                if not len(pending):
+                proven = torch.as_tensor(ok, device=smoother.device)
+                current[left[proven]] = z[proven]
+                z, u_left, left = z[~proven], u_left[~proven], left[~proven]
+                if not len(left):
                     break
+            current[left] = z  # the unproven rows' warm iterates stay in the chain
             earliest = first  # from the next batch on, verification starts at the first step that proved anything
-            unproven.append(batch[pending])  # solved cold below, together: their warm iterates stay in the chain
+            unproven.append(batch[left])  # solved cold below, together
             state = current
         unproven = torch.cat(unproven) if unproven else x[:0]
         fallback = len(unproven)

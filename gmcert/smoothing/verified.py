@@ -198,36 +198,52 @@ def verify(residual, previous_norm, current_norm, u_norm, features, dim: int, co
 
 
 def _head_check(features, rho, head: HeadGeometry, geo: dict, unit: float):
-    """Step 5 of the module docstring for latents of ``features`` and latent balls of radius ``rho``."""
+    """Step 5 of the module docstring for latents of ``features`` and latent balls of radius ``rho``.
+
+    With one component per class, each pair (c, k) is first tried with ||g_c|| + ||g_k|| in place
+    of ||g_c - g_k|| (g_m = P_m (l - mu_m), and ||g_m|| <= ||C_m|| ||(l - mu_m) C_m||, from the
+    scores' own products); only the pairs that this cruder move does not settle get the exact one.
+    """
     n = len(features)
     latent = (features - head.proj_mean) @ head.proj_weight.T
-
     diff = latent[None] - head.means[:, None, :]                      # (M, N, d), batched BLAS below
-    scores = ((diff @ head.chol) ** 2).sum(-1).T * -1 + head.offset   # (N, M)
-    grad = (diff @ geo["P"]).transpose(1, 0, 2)                       # (N, M, d): P_m (l - mu_m)
+    whitened = diff @ head.chol                                       # (M, N, d): (l - mu_m) C_m
+    squares = (whitened ** 2).sum(-1).T                               # (N, M)
+    scores = head.offset - squares
     d = latent.shape[1]
-    dist = np.linalg.norm(diff, axis=2).T
+    dist = np.sqrt((diff ** 2).sum(-1)).T
     eps = 8 * gamma(d + 2, unit) * (geo["chol_fro2"] * (dist + rho[:, None]) ** 2 + np.abs(head.offset))
+    rows = np.arange(n)
     if head.single_component:
-        class_scores, class_eps = scores, eps
-        c = class_scores.argmax(1)
-        rows = np.arange(n)
-        v = grad[rows, c][:, None, :] - grad                          # (N, K, d)
-        move = 2 * rho[:, None] * np.linalg.norm(v, axis=2) + rho[:, None] ** 2 * geo["pair"][c]
-    else:
-        K = head.n_classes
-        member = head.component_class[None, :] == np.arange(K)[:, None]  # (K, M)
-        half = np.where(member[None], scores[:, None, :] / 2, -np.inf)   # (N, K, M)
-        top = half.max(2, keepdims=True)
-        class_scores = 2 * (top[..., 0] + np.log(np.exp(half - top).sum(2)))
-        comp_move = 2 * rho[:, None] * np.linalg.norm(grad, axis=2) + rho[:, None] ** 2 * geo["top"][None]
-        class_move = np.where(member[None], comp_move[:, None, :], 0.0).max(2)
-        class_eps = np.where(member[None], eps[:, None, :], 0.0).max(2) + 8 * unit * np.abs(class_scores)
-        c = class_scores.argmax(1)
-        rows = np.arange(n)
-        move = class_move[rows, c][:, None] + class_move
+        c = scores.argmax(1)
+        margin = scores[rows, c][:, None] - scores
+        fixed = eps[rows, c][:, None] + eps + F64_SLACK * (np.abs(scores) + 1) + rho[:, None] ** 2 * geo["pair"][c]
+        crude = np.sqrt(geo["top"] * squares)                         # >= ||g_m||
+        ok = margin > fixed + 2 * rho[:, None] * (crude[rows, c][:, None] + crude)
+        ok[rows, c] = True
+        r, k = np.nonzero(~ok)
+        if len(r):
+            grads = np.zeros((n, len(head.means), d))
+            for m in range(len(head.means)):
+                need = np.unique(np.concatenate([r[k == m], r[c[r] == m]]))
+                if len(need):
+                    grads[need, m] = whitened[m, need] @ head.chol[m].T   # P_m (l - mu_m)
+            exact = np.sqrt(((grads[r, c[r]] - grads[r, k]) ** 2).sum(-1))
+            ok[r, k] = margin[r, k] > fixed[r, k] + 2 * rho[r] * exact
+        return ok.all(1), c
+    K = head.n_classes
+    member = head.component_class[None, :] == np.arange(K)[:, None]  # (K, M)
+    half = np.where(member[None], scores[:, None, :] / 2, -np.inf)   # (N, K, M)
+    top = half.max(2, keepdims=True)
+    class_scores = 2 * (top[..., 0] + np.log(np.exp(half - top).sum(2)))
+    grad_norm = np.sqrt(((diff @ geo["P"]) ** 2).sum(-1)).T           # (N, M): ||P_m (l - mu_m)||
+    comp_move = 2 * rho[:, None] * grad_norm + rho[:, None] ** 2 * geo["top"][None]
+    class_move = np.where(member[None], comp_move[:, None, :], 0.0).max(2)
+    class_eps = np.where(member[None], eps[:, None, :], 0.0).max(2) + 8 * unit * np.abs(class_scores)
+    c = class_scores.argmax(1)
     margin = class_scores[rows, c][:, None] - class_scores
-    need = move + class_eps[rows, c][:, None] + class_eps + F64_SLACK * (np.abs(class_scores) + 1)
-    ok = (margin > need)
+    need = class_move[rows, c][:, None] + class_move + class_eps[rows, c][:, None] + class_eps \
+        + F64_SLACK * (np.abs(class_scores) + 1)
+    ok = margin > need
     ok[rows, c] = True
     return ok.all(1), c
