@@ -225,8 +225,9 @@ def _head_check(features, rho, head: HeadGeometry, geo: dict, unit: float):
         if len(r):
             grads = np.zeros((n, len(head.means), d))
             for m in range(len(head.means)):
-                need = np.unique(np.concatenate([r[k == m], r[c[r] == m]]))
-                if len(need):
+                need = np.zeros(n, dtype=bool)
+                need[r[k == m]] = need[r[c[r] == m]] = True
+                if need.any():
                     grads[need, m] = whitened[m, need] @ head.chol[m].T   # P_m (l - mu_m)
             exact = np.sqrt(((grads[r, c[r]] - grads[r, k]) ** 2).sum(-1))
             ok[r, k] = margin[r, k] > fixed[r, k] + 2 * rho[r] * exact
