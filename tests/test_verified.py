@@ -154,8 +154,28 @@ def _boundary_inputs(cdeq, pairs=6, offsets=(1e-2, 1e-4, 1e-6, 0.0)):
     return torch.stack(out)
 
 
-def test_every_verified_answer_is_the_standard_answer_near_boundaries(cdeq):
+@pytest.fixture(scope="module")
+def two_components(cdeq):
+    """The same encoder under a head with two full-covariance components per class."""
+    import copy
+
+    from gmcert.latent.mixture import GaussianMixtureClassifier
+
+    pipeline = copy.copy(cdeq["pipeline"])
+    inputs = load_inputs({"data": "digits"}, channels=1)
+    train = np.setdiff1d(np.arange(len(inputs.labels)), np.asarray(pipeline.metadata["test_index"]))
+    pipeline.head = GaussianMixtureClassifier(covariance_type="full", shrinkage="ledoit_wolf",
+                                              n_components_per_class=2, random_state=0).fit(
+        pipeline.latents(inputs.x[train]), inputs.labels[train])
+    base = pipeline.torch_module()
+    return {**cdeq, "pipeline": pipeline, "base": base, "parts": _verified_parts(base)}
+
+
+@pytest.mark.parametrize("head", ["one component per class", "two components per class"])
+def test_every_verified_answer_is_the_standard_answer_near_boundaries(cdeq, two_components, head):
+    cdeq = cdeq if head.startswith("one") else two_components
     encoder, deq, contraction, geometry = cdeq["parts"]
+    assert geometry.single_component == head.startswith("one")
     base = cdeq["base"]
     near = _boundary_inputs(cdeq)
     g = torch.Generator().manual_seed(3)
