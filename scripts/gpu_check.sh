@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every CUDA path of gmcert in one run (at most about 5 minutes on one GPU), with throughputs:
 #   encode (images/s), closed-form certify, smoothing certify and the sequential engine (noisy
-#   samples/s), a training step (bfloat16 autocast), faiss on the GPU where installed, and torchrun
+#   samples/s), verified SRS of a contractive DEQ (its rows must equal Cohen's), a training step
+#   (bfloat16 autocast), faiss on the GPU where installed, and torchrun
 #   on every visible GPU with the scaling from 1 to all of them.
 # Usage: bash scripts/gpu_check.sh [OUT_DIR]    (default runs/gpu-check; prints a summary at the end)
 set -euo pipefail
