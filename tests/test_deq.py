@@ -1,13 +1,11 @@
 """Deep-equilibrium encoders and serialized smoothing: a DEQ trains on digits to the issue's bar, its
 warm-started fixed points converge to the cold-start ones as steps grow, and SRS certifies the
 standard DEQ with every evaluation counted, never above what its own counts allow."""
-import numpy as np
 import pytest
 import torch
 
-from gmcert.inputs import load_inputs
 from gmcert.smoothing.serialized import serialized_lower_bound
-from gmcert.train import TrainConfig, train_model
+from trained_deqs import model_copy, train_digits_deq
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -15,12 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def deq(tmp_path_factory):
-    out = tmp_path_factory.mktemp("deq") / "model"
-    pipeline, record = train_model(out, encoder="gmcert_deq", config=TrainConfig(epochs=12, seed=0), device="cpu",
-                                   progress=False)
-    inputs = load_inputs({"data": "digits"}, channels=1)
-    test = np.asarray(pipeline.metadata["test_index"])
-    return {"pipeline": pipeline, "record": record, "x": inputs.x[test], "y": inputs.labels[test]}
+    return train_digits_deq(tmp_path_factory, "gmcert_deq", epochs=12)
 
 
 def test_a_deq_trains_on_digits_to_95_percent(deq):
@@ -101,11 +94,7 @@ def test_compare_runs_serialized_smoothing_on_a_deq(deq, tmp_path, capsys):
 
 
 def _model_dir(deq, tmp_path):
-    import shutil
-
-    model = tmp_path / "deq"
-    shutil.copytree(deq["pipeline"].bundled_files["encoder.toml"].parent, model)
-    return model
+    return model_copy(deq, tmp_path, "deq")
 
 
 def test_certify_smoothing_serialized_writes_rows_and_resumes(deq, tmp_path, capsys, interrupt_smoothing):

@@ -10,21 +10,16 @@ from gmcert.errors import DataError
 from gmcert.inputs import load_inputs
 from gmcert.smoothing.srs import _chain_summary, _verified_parts, certify_verified
 from gmcert.smoothing.verified import STEM_RELATIVE, Contraction, verify
-from gmcert.train import TrainConfig, train_model
+from trained_deqs import model_copy, train_digits_deq
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def cdeq(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cdeq") / "model"
-    pipeline, record = train_model(out, encoder="gmcert_cdeq", config=TrainConfig(epochs=8, seed=0), device="cpu",
-                                   progress=False)
-    inputs = load_inputs({"data": "digits"}, channels=1)
-    test = np.asarray(pipeline.metadata["test_index"])
-    base = pipeline.torch_module()
-    return {"pipeline": pipeline, "record": record, "x": inputs.x[test], "y": inputs.labels[test], "base": base,
-            "parts": _verified_parts(base)}
+    trained = train_digits_deq(tmp_path_factory, "gmcert_cdeq", epochs=8)
+    base = trained["pipeline"].torch_module()
+    return {**trained, "base": base, "parts": _verified_parts(base)}
 
 
 def _normalised(encoder, x):
@@ -251,11 +246,7 @@ def test_verified_srs_needs_a_contractive_deq():
 
 
 def _model_dir(cdeq, tmp_path):
-    import shutil
-
-    model = tmp_path / "cdeq"
-    shutil.copytree(cdeq["pipeline"].bundled_files["encoder.toml"].parent, model)
-    return model
+    return model_copy(cdeq, tmp_path, "cdeq")
 
 
 def test_certify_verify_writes_cohens_rows_and_resumes(cdeq, tmp_path, interrupt_smoothing):
