@@ -15,7 +15,7 @@ LAYERS = {
     "gmcert.smoothing.sequential": 1, "gmcert.smoothing.serialized": 1, "gmcert.smoothing.verified": 1,
     "gmcert.data": 2, "gmcert.encoders": 2, "gmcert.head": 2, "gmcert.smoothing.smoother": 2, "gmcert.smoothing.srs": 2,
     "gmcert.distributed": 2, "gmcert.distributed.rows": 3,
-    "gmcert.pipeline": 3, "gmcert.report": 3,
+    "gmcert.pipeline": 3, "gmcert.modeldir": 3, "gmcert.report": 3,
     "gmcert.hybrid": 4, "gmcert.compare": 4, "gmcert.inputs": 4, "gmcert.train": 4, "gmcert.train.command": 5,
     "gmcert.cli": 5, "gmcert.__main__": 5,
 }
