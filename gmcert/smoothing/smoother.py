@@ -232,14 +232,9 @@ class Smoother:
 
     def certify_serialized(self, x, n0, n, alpha, steps=None, warmup_interval=None, audit_size=None, verify=False,
                            **kwargs):
-        """CERTIFY of a deep-equilibrium base by serialized smoothing (:mod:`gmcert.smoothing.srs`).
-
-        ``verify=False``: warm answers corrected by a blind audit of ``audit_size`` (default 1000)
-        chain samples, ``steps`` (default 3) per warm solve, a cold batch every ``warmup_interval``
-        (default 10). ``verify=True`` (a contractive DEQ, ``gmcert_cdeq``): each warm answer is proven
-        equal to the standard DEQ's within ``steps`` (default 6) steps or solved cold, so the
-        certificate is exactly Cohen's; no audit, no cold batches unless ``warmup_interval`` asks.
-        """
+        """CERTIFY of a DEQ base by serialized smoothing (:mod:`gmcert.smoothing.srs`): audited
+        (defaults: 3 steps, a cold batch every 10, audit 1000), or ``verify=True`` for a contractive
+        DEQ (each warm answer proven within ``steps``, default 6, or solved cold: Cohen's exact count)."""
         from gmcert.smoothing.srs import certify_serialized, certify_verified
 
         if verify:
