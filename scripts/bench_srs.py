@@ -158,7 +158,7 @@ def main(argv=None) -> int:
                                   y[i], args.sigma, classes))
     radii = list(np.linspace(0, 2 * args.sigma, 5))
     solver = (f"certified contraction L = {network.contraction_constants().lipschitz:.3f}, cold solves to residual "
-              f"{network.tol:g} by {network.solver}" if contractive else f"{network.max_iter} cold Anderson steps")
+              f"{network.tol:g} by fixed-point steps" if contractive else f"{network.max_iter} cold Anderson steps")
     lines = [f"digits DEQ `{args.encoder}` ({record['epochs_done']} epochs, held-out clean accuracy "
              f"{record['network']['clean_accuracy']:.3f}; {solver}), {len(y)} held-out inputs, sigma {args.sigma}, "
              f"alpha {ALPHA}, n0 {N0}, n {args.n}; SRS k steps: audit {args.audit_size}, a cold batch every "

@@ -33,6 +33,16 @@ def _deqs(base) -> list:
     return found
 
 
+def _select(smoother, x, n0: int, batch_size: int, run) -> int:
+    """c_A from ``n0`` selection draws (the selection stream), each answered by ``run(batch)``."""
+    counts = torch.zeros(smoother.num_classes, dtype=torch.long, device=smoother.device)
+    for size in [batch_size] * (n0 // batch_size) + [n0 % batch_size]:
+        if size:
+            counts += torch.bincount(run(x + smoother._noise(size, x.shape, smoother._pilot_gen)),
+                                     minlength=smoother.num_classes)
+    return int(counts.argmax())
+
+
 def _set(deqs, state, steps):
     for deq in deqs:
         deq.serial_state, deq.serial_steps = state, int(steps)
@@ -63,12 +73,7 @@ def certify_serialized(smoother, x, n0: int, n: int, alpha: float, steps: int = 
         return scores.argmax(1)
 
     try:
-        counts = torch.zeros(smoother.num_classes, dtype=torch.long, device=smoother.device)
-        for size in [batch_size] * (n0 // batch_size) + [n0 % batch_size]:
-            if size:
-                counts += torch.bincount(run(x + smoother._noise(size, x.shape, smoother._pilot_gen)),
-                                         minlength=smoother.num_classes)
-        c_a = int(counts.argmax())
+        c_a = _select(smoother, x, int(n0), batch_size, run)
         # the audit set: drawn before any counted noise, from the selection stream, never shown to the chain
         seed = int(torch.randint(2 ** 62, (1,), generator=smoother._pilot_gen, device=smoother.device))
         audit = np.zeros(int(n), dtype=bool)
@@ -112,7 +117,7 @@ def _verified_parts(base):
     if cached is not None and cached[0] == key:
         return cached[1]
     parts = _build_verified_parts(base)
-    parts[3].precomputed()
+    parts[3].precomputed  # noqa: B018  (computed once here, not inside the first certification)
     base._gmcert_verified = (key, parts)
     return parts
 
@@ -172,62 +177,54 @@ def certify_verified(smoother, x, n0: int, n: int, alpha: float, steps: int = 6,
     encoder, deq, contraction, geometry = _verified_parts(smoother.base)
     x = smoother._as_batch(x, single=True)[0]
     batch_size = int(batch_size or smoother.batch_size)
-    deq.serial_state = None
+    deq.serial_state = None  # cold solves below must be the standard DEQ's, whatever a caller left set
     evaluations, verified, cold_count = [0.0], 0, 0
 
-    def cold(batch):
+    def cold(batch):  # the standard DEQ's answers; its fixed points stay in deq.last_state
         scores = smoother._scores(batch)
         evaluations[0] += deq.last_steps * len(batch)
-        return scores.argmax(1), deq.last_state
+        return scores.argmax(1)
 
-    try:
-        counts = torch.zeros(smoother.num_classes, dtype=torch.long, device=smoother.device)
-        for size in [batch_size] * (n0 // batch_size) + [n0 % batch_size]:
-            if size:
-                answers, state = cold(x + smoother._noise(size, x.shape, smoother._pilot_gen))
-                counts += torch.bincount(answers, minlength=smoother.num_classes)
-        c_a = int(counts.argmax())
-        # the chain starts from the selection's fixed points (repeated to a batch): a warm start only
-        state = state.repeat((batch_size + len(state) - 1) // len(state), 1, 1, 1)[:batch_size]
-        n_a, unproven, reach, widest, earliest, first = 0, [], math.inf, 0.0, 0, int(steps)
-        for t, begin in enumerate(range(0, int(n), batch_size)):
-            size = min(batch_size, int(n) - begin)
-            batch = x + smoother._noise(size, x.shape, smoother._count_gen)
-            if warmup_interval is not None and t % int(warmup_interval) == 0 and t > 0:
-                answers, state = cold(batch)
-                cold_count += size
-                n_a += int((answers == c_a).sum())
+    c_a = _select(smoother, x, int(n0), batch_size, cold)
+    # the chain starts from the selection's fixed points (repeated to a batch): a warm start only
+    state = deq.last_state
+    state = state.repeat((batch_size + len(state) - 1) // len(state), 1, 1, 1)[:batch_size]
+    n_a, unproven, reach, widest, earliest, first = 0, [], math.inf, 0.0, 0, int(steps)
+    for t, begin in enumerate(range(0, int(n), batch_size)):
+        size = min(batch_size, int(n) - begin)
+        batch = x + smoother._noise(size, x.shape, smoother._count_gen)
+        if warmup_interval is not None and t % int(warmup_interval) == 0 and t > 0:
+            n_a += int((cold(batch) == c_a).sum())
+            state, cold_count = deq.last_state, cold_count + size
+            continue
+        current = state[:size].clone()
+        u = deq.stem((encoder.resize(batch) - encoder.mean) / encoder.std)  # the encoder's own pass
+        deq.cell.prepare()
+        z, u_left, left = current, u, torch.arange(size, device=smoother.device)  # the rows not proven yet
+        for step in range(int(steps)):
+            previous, z = z, deq.cell(z, u_left)
+            evaluations[0] += len(left)
+            if step < earliest and step < int(steps) - 1:  # no earlier step has proven anything yet
                 continue
-            current = state[:size].clone()
-            u = deq.stem((encoder.resize(batch) - encoder.mean) / encoder.std)  # the encoder's own pass
-            deq.cell.prepare()
-            z, u_left, left = current, u, torch.arange(size, device=smoother.device)  # the rows not proven yet
-            for step in range(int(steps)):
-                previous, z = z, deq.cell(z, u_left)
-                evaluations[0] += len(left)
-                if step < earliest and step < int(steps) - 1:  # no earlier step has proven anything yet
-                    continue
-                ok, cls, rho = verify(*_chain_summary(deq, previous, z, u_left), contraction, geometry, reach)
-                if ok.any():  # balls this wide were proven: rows with balls over twice as wide are not tried
-                    widest = max(widest, float(rho[ok].max()))
-                    reach, first = 2 * widest, min(first, step)
-                n_a += int((cls[ok] == c_a).sum())
-                verified += int(ok.sum())
-                proven = torch.as_tensor(ok, device=smoother.device)
-                current[left[proven]] = z[proven]
-                z, u_left, left = z[~proven], u_left[~proven], left[~proven]
-                if not len(left):
-                    break
-            current[left] = z  # the unproven rows' warm iterates stay in the chain
-            earliest = first  # from the next batch on, verification starts at the first step that proved anything
-            unproven.append(batch[left])  # solved cold below, together
-            state = current
-        unproven = torch.cat(unproven) if unproven else x[:0]
-        fallback = len(unproven)
-        for begin in range(0, fallback, batch_size):
-            n_a += int((cold(unproven[begin:begin + batch_size])[0] == c_a).sum())
-    finally:
-        deq.serial_state = None
+            ok, cls, rho = verify(*_chain_summary(deq, previous, z, u_left), contraction, geometry, reach)
+            if ok.any():  # balls this wide were proven: rows with balls over twice as wide are not tried
+                widest = max(widest, float(rho[ok].max()))
+                reach, first = 2 * widest, min(first, step)
+            n_a += int((cls[ok] == c_a).sum())
+            verified += int(ok.sum())
+            proven = torch.as_tensor(ok, device=smoother.device)
+            current[left[proven]] = z[proven]
+            z, u_left, left = z[~proven], u_left[~proven], left[~proven]
+            if not len(left):
+                break
+        current[left] = z  # the unproven rows' warm iterates stay in the chain
+        earliest = first  # from the next batch on, verification starts at the first step that proved anything
+        unproven.append(batch[left])  # solved cold below, together
+        state = current
+    unproven = torch.cat(unproven) if unproven else x[:0]
+    fallback = len(unproven)
+    for begin in range(0, fallback, batch_size):
+        n_a += int((cold(unproven[begin:begin + batch_size]) == c_a).sum())
     p_lower = float(clopper_pearson_lower(n_a, int(n), alpha))
     prediction, radius = (ABSTAIN, 0.0) if p_lower < 0.5 else (c_a, smoother.sigma * float(ndtri(p_lower)))
     solver_steps = int(round(evaluations[0]))

@@ -53,6 +53,7 @@ and Winograd algorithms have not been measured against the bound here (no GPU in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -130,23 +131,19 @@ class HeadGeometry:
         return len(self.component_class) == self.n_classes and np.array_equal(self.component_class,
                                                                               np.arange(self.n_classes))
 
+    @cached_property
     def precomputed(self) -> dict:
         """Precisions, their top eigenvalues and (one component per class) those of their differences."""
-        if not hasattr(self, "_cache"):
-            P = np.einsum("mde,mfe->mdf", self.chol, self.chol)
-            top = np.linalg.eigvalsh(P)[:, -1]
-            pair = None
-            if self.single_component:
-                diff = P[:, None] - P[None, :]
-                pair = np.maximum(np.linalg.eigvalsh(diff)[..., -1], 0.0)
-            object.__setattr__(self, "_cache", {
-                "P": P, "top": top, "pair": pair, "chol_fro2": (self.chol ** 2).sum((1, 2)),
+        P = np.einsum("mde,mfe->mdf", self.chol, self.chol)
+        pair = None
+        if self.single_component:
+            pair = np.maximum(np.linalg.eigvalsh(P[:, None] - P[None, :])[..., -1], 0.0)
+        return {"P": P, "top": np.linalg.eigvalsh(P)[:, -1], "pair": pair, "chol_fro2": (self.chol ** 2).sum((1, 2)),
                 # a ball wider than twice the spread of the means holds other classes' territory in
                 # practice: :func:`verify` does not try such rows (skipping a row is always sound)
                 "cap": 2 * float(np.max(np.linalg.norm(self.means[:, None] - self.means[None], axis=2))),
                 "w_norm": float(np.linalg.norm(self.proj_weight, 2)),
-                "w_fro": float(np.linalg.norm(self.proj_weight))})
-        return self._cache
+                "w_fro": float(np.linalg.norm(self.proj_weight))}
 
 
 def verify(residual, previous_norm, current_norm, u_norm, features, dim: int, contraction: Contraction,
@@ -181,7 +178,7 @@ def verify(residual, previous_norm, current_norm, u_norm, features, dim: int, co
     rho_z = (rho_warm + rho_cold + stem) * (1 + F64_SLACK)
     rho_z[e_cold > 1.0] = np.inf  # the cap on ||z_c|| above assumed e_cold <= 1: otherwise prove nothing
 
-    geo = head.precomputed()
+    geo = head.precomputed
     window, d_feat = contraction.window, features.shape[1]
     pooled_norm = rough / np.sqrt(window)
     # float32 pooling (sum of `window` terms, one division; the deployed one and ours) and the deployed
