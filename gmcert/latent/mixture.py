@@ -19,6 +19,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from gmcert.errors import DataError
 from gmcert.latent import certificates
+from gmcert.latent.integrity import HeadInconsistency, precisions_from_covariances
 from gmcert.latent.moments import SufficientStatistics, label_indices, shrunk_covariance
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
@@ -164,18 +165,12 @@ class GaussianMixtureClassifier(ClassifierMixin, BaseEstimator):
         elif self.covariance_type == "spherical":
             covs = (np.einsum("kdd->k", covs) / d)[:, None, None] * np.eye(d)
         covs = covs + self.reg_covar * np.eye(d)
-        precisions, log_dets = np.empty_like(covs), np.empty(len(covs))
-        for m, cov in enumerate(covs):
-            ev = np.linalg.eigvalsh(cov)
-            if not ev[0] > 1e-12 * ev[-1]:  # beyond what float64 scores can resolve
-                owner = "tied" if self.covariance_type == "tied" else f"class {owners[m]!r}"
-                raise DataError(f"the {owner} covariance is singular (eigenvalues {ev[0]:.3g} .. "
-                                f"{ev[-1]:.3g}); increase reg_covar or set shrinkage")
-            chol = np.linalg.cholesky(cov)
-            inv_chol = np.linalg.inv(chol)
-            precisions[m] = inv_chol.T @ inv_chol
-            log_dets[m] = 2 * np.log(np.diagonal(chol)).sum()
-        return covs, (precisions + precisions.transpose(0, 2, 1)) / 2, log_dets, shrink
+        owner = ["tied"] * len(covs) if self.covariance_type == "tied" else [f"class {o!r}" for o in owners]
+        try:  # the load recomputes with the same function (gmcert.latent.integrity): the same bits
+            precisions, log_dets = precisions_from_covariances(covs, owner)
+        except HeadInconsistency as exc:
+            raise DataError(f"{str(exc).split(': ', 1)[1]}; increase reg_covar or set shrinkage") from None
+        return covs, precisions, log_dets, shrink
 
     def _set_components(self, component_class, log_weights, count, mean, scatter, quartic):
         covs, precisions, log_dets, shrink = self._covariances(

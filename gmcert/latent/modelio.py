@@ -20,6 +20,7 @@ import numpy as np
 
 from gmcert.atomic import atomic_write
 from gmcert.errors import ModelFileError
+from gmcert.latent.integrity import HeadInconsistency, checked_head_arrays
 
 META_KEY = "__meta__"
 MODEL_FORMAT = "gmcert-model"
@@ -186,6 +187,12 @@ def load_classifier(cls, path):
         clf = cls(**meta["params"])
         for name in _CLASSIFIER_ARRAYS:
             setattr(clf, name, arrays[name])
+        # The certificates and the torch head trust these: recomputed from the covariances, the
+        # one source of truth, and refused where the stored ones disagree (gmcert.latent.integrity).
+        derived = checked_head_arrays(clf.covariance_type, int(meta["n_features_in"]),
+                                      {name: arrays[name] for name in _CLASSIFIER_ARRAYS})
+        for name, value in derived.items():
+            setattr(clf, name, value)
         clf.n_features_in_ = int(meta["n_features_in"])
         if meta.get("feature_names_in"):
             clf.feature_names_in_ = np.asarray(meta["feature_names_in"], dtype=object)
@@ -193,6 +200,8 @@ def load_classifier(cls, path):
             clf.statistics_ = SufficientStatistics(
                 clf.classes_, *(arrays["statistics_" + name] for name in _STATISTICS_ARRAYS))
         clf._build_geometry()
+    except HeadInconsistency as exc:
+        raise ModelFileError(path, "corrupt", str(exc)) from None
     except (TypeError, ValueError, KeyError, IndexError) as exc:
         raise ModelFileError(path, "corrupt", f"inconsistent contents: {exc}") from exc
     return clf
