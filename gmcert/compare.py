@@ -55,6 +55,9 @@ class CompareConfig:
     srs_steps: list = field(default_factory=lambda: [1, 3])
     warmup_interval: int = 10
     audit_size: int = 1000
+    #: the content of what the run reads (model digests, the inputs' content identity): a rerun in
+    #: the same --out on a file overwritten at the same path is refused, not merged
+    identity: dict = field(default_factory=dict)
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -199,6 +202,10 @@ def check_run_dir(out, config: CompareConfig) -> None:
     if not isinstance(found, dict):
         raise DataError(f"{path} holds no compare settings; delete it or choose another --out")
     changed = sorted(k for k in set(wanted) | set(found) if wanted.get(k) != found.get(k))
+    if "identity" in changed and isinstance(found.get("identity"), dict):
+        parts = sorted(k for k in set(wanted["identity"]) | set(found["identity"])
+                       if wanted["identity"].get(k) != found["identity"].get(k))
+        changed[changed.index("identity")] = f"identity: the content of {', '.join(parts)} changed"
     if changed:
         raise DataError(f"{out} holds a compare run with other settings ({', '.join(changed)}); "
                         f"rerun with the same settings to resume it, or choose another --out")

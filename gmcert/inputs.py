@@ -49,6 +49,12 @@ def read_latents(path) -> tuple[np.ndarray, np.ndarray]:
     return z, integer_labels(y, f"{path}: y")
 
 
+def file_digest(path) -> str | None:
+    """sha256 of a file's bytes (None where it does not exist): a file a run reads besides its inputs."""
+    path = Path(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
 def integer_labels(y, name) -> np.ndarray:
     """``y`` as int64 class labels; floats must hold whole numbers (TSV rows store labels as ints)."""
     y = np.asarray(y)
@@ -66,6 +72,16 @@ class Inputs:
     def __init__(self, x, labels, identity=None, channels=None, source=""):
         self.x, self.labels, self.identity, self.channels = x, np.asarray(labels), identity, channels
         self.source = source
+
+    def content_identity(self) -> str:
+        """What resume settings record: the dataset's content identity, or for latents (which have
+        no cache identity) the sha256 of ``x`` and ``labels``; a file overwritten at the same path
+        gets another one."""
+        if self.identity is not None:
+            return self.identity
+        digest = hashlib.sha256(np.ascontiguousarray(self.x).tobytes())
+        digest.update(np.asarray(self.labels, dtype=np.int64).tobytes())
+        return f"{self.source}:{'x'.join(map(str, np.shape(self.x)))}:sha256={digest.hexdigest()[:32]}"
 
     def subset(self, index) -> "Inputs":
         index = np.asarray(index)

@@ -78,6 +78,9 @@ def read_tsv(path) -> list[dict]:
 
 
 _SETTINGS = "#settings\t"
+#: settings that identify content rather than options, named in a refusal
+_CONTENT = {"inputs": "the inputs (--data/--latents, or the model's held-out rows)", "model": "the model directory",
+            "mismatch": "the model's mismatch.json"}
 
 
 def partial_files(path) -> list[Path]:
@@ -103,8 +106,11 @@ def _read_partial(file: Path, columns, settings=None) -> tuple[list[str], list[d
             raise DataError(f"{file}: unreadable settings line; delete it to start over") from None
         if settings is not None and found != settings:
             changed = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
-            raise DataError(f"{file} holds rows of a run with other settings ({', '.join(changed)}); rerun with "
-                            "the same settings to resume it, or choose another --out")
+            content = [_CONTENT[k] for k in changed if k in _CONTENT]
+            raise DataError(f"{file} holds rows of a run with other settings ({', '.join(changed)})"
+                            + (f": the content of {' and '.join(content)} changed since they were computed"
+                               if content else "") + "; rerun with the same settings and files to resume it, "
+                            "or choose another --out")
     elif settings is not None and len(lines) > 2:
         raise DataError(f"{file} records no settings, so its rows cannot be checked against this run's; delete it "
                         "or choose another --out")

@@ -10,7 +10,7 @@ import numpy as np
 from gmcert.atomic import check_file_target
 from gmcert.cli.common import CERTIFY_SETTINGS, _accuracy_table
 from gmcert.errors import DataError
-from gmcert.inputs import load_model, model_inputs
+from gmcert.inputs import file_digest, load_model, model_inputs
 
 
 def cmd_certify(args) -> int:
@@ -44,7 +44,8 @@ def cmd_certify(args) -> int:
     from gmcert.distributed.rows import ShardedRows, model_digest
 
     w = current()
-    settings = {**{k: getattr(args, k) for k in CERTIFY_SETTINGS}, "model": model_digest(args.model)}
+    settings = {**{k: getattr(args, k) for k in CERTIFY_SETTINGS}, "model": model_digest(args.model),
+                **resume_identity(args, inputs)}
     agree(settings, "the certify settings and model")
     # every rank appends to its own partial; rows already in any partial are skipped; nothing is
     # created before the first row
@@ -85,6 +86,15 @@ def cmd_certify(args) -> int:
                           summary["certified_accuracy"],
                           "/".join(summary["rows_by_radius_kind"])))
     return 0
+
+
+def resume_identity(args, inputs) -> dict:
+    """The content of everything besides the model that a certify run reads, for its resume
+    settings: the inputs (``--data``/``--latents`` or the model's held-out rows) and, for the hybrid
+    route, the ``mismatch.json`` whose thresholds route rows. Paths alone would let a resume merge
+    rows computed on a file since overwritten."""
+    mismatch = file_digest(Path(args.model) / "mismatch.json") if args.fallback != "none" else None
+    return {"inputs": inputs.content_identity(), "mismatch": mismatch}
 
 
 def _certify(args, pipeline, inputs, seeds):

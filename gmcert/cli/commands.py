@@ -148,15 +148,15 @@ def cmd_compare(args) -> int:
                             "compared (its held-out split differs): train both with the same --data and --seed")
     out = Path(args.out) if args.out else Path(args.model) / "compare"
     check_folder_target(out, "--out")
-    check_run_dir(out, config)
     from dataclasses import asdict
 
     from gmcert.distributed import agree, current
     from gmcert.distributed.rows import model_digest
 
-    agree({**asdict(config), "model": model_digest(args.model),
-           "smoothing_digest": model_digest(args.smoothing_model) if args.smoothing_model else None},
-          "the compare settings and models")
+    config.identity = {"model": model_digest(args.model), "inputs": inputs.content_identity(),
+                       "smoothing_model": model_digest(args.smoothing_model) if args.smoothing_model else None}
+    check_run_dir(out, config)
+    agree(asdict(config), "the compare settings and models")
     if not current().main:
         run_compare(pipeline, inputs.x, inputs.labels, index, out, config, smoothed=smoothed)
         return 0

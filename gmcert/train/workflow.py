@@ -80,6 +80,17 @@ def build_student(encoder: str, n_classes: int, input_size=None, pretrained=None
     return student.to(device or _device())
 
 
+def _content_digest(path):
+    """The teacher's content (a model directory's files, or a weights file), so that a resume with a
+    teacher overwritten at the same path is refused."""
+    from gmcert.distributed.rows import model_digest
+    from gmcert.inputs import file_digest
+
+    if path is None:
+        return None
+    return model_digest(path) if Path(path).is_dir() else file_digest(path)
+
+
 def _device():
     from gmcert.encoders.encoding import default_device
 
@@ -138,7 +149,8 @@ def train_model(out, data: str = "digits", encoder: str | None = None, input_siz
     elif teacher is not None:
         raise DataError(f"--teacher is used by the crt and margin methods only, not {config.method}")
     identity = json.loads(json.dumps({"data": inputs.identity, "encoder": student.describe(),
-                                      "teacher": str(teacher) if teacher is not None else None}, default=str))
+                                      "teacher": str(teacher) if teacher is not None else None,
+                                      "teacher_content": _content_digest(teacher)}, default=str))
     from gmcert.distributed import agree, current as current_world
 
     agree({"config": config.as_dict(), "identity": identity}, "the training settings and data")
