@@ -15,7 +15,14 @@ mismatch exceeds ``mismatch_threshold``. The deployed classifier is, with ``c = 
            f(x)  if f(x) = g(x) and lo(x) > 0, else abstain, otherwise
                  (route band: the arithmetic cannot tell which side of tau_c rho lies)
 
-Here f(x) is the computed class; where ``lo(x) > 0`` it is the exact f's class too.
+Here f(x) is the computed class: :meth:`gmcert.pipeline.Pipeline.predict`'s (the certified
+arithmetic and the head's exact decision). The routes below look up tau at x' by the class x'
+computes, so each claim needs that class to be c wherever ``||x' - x|| < lo(x)``, also next to a
+class whose tau is infinite (x' computing that class would go to smoothing). That is a checked
+condition, not a rounding assumption: ``lo`` is shaved by the pass's rounding over the whole ball
+(:mod:`gmcert.encoders.ball_rounding`), so inside it the computed class is c, and a certificate
+without that shave (``extra["covers_predict"]`` unset) gets ``lo = 0``. Where ``lo(x) > 0`` f(x) is
+the exact f's class too.
 
 Claim: for ``||x' - x|| < r`` with r below, ``h(x')`` is ``h(x)`` or an abstention, never another
 class (the smoothing parts with probability 1 - alpha, as ``g``'s own certificate).
@@ -129,10 +136,14 @@ class FallbackPolicy:
 
 
 def _interval(cert) -> tuple:
-    """``(lo, hi)`` around rho for a closed-form certificate; an unsound kind says nothing."""
+    """``(lo, hi)`` around rho for a closed-form certificate; an unsound kind says nothing, and
+    and a radius that does not cover the deployed arithmetic (``extra["covers_predict"]``, set by
+    :meth:`gmcert.pipeline.Pipeline.certify`) gives lo = 0: the routes need the class that x'
+    computes to be c inside lo(x), not only the exact function's class."""
     if cert.radius_kind not in SOUND_KINDS or cert.prediction == ABSTAIN:
         return 0.0, math.inf
-    return cert.radius, cert.extra.get("radius_upper", math.inf)
+    hi = cert.extra.get("radius_upper", math.inf)  # about the exact function: no shave needed
+    return (cert.radius if cert.extra.get("covers_predict") else 0.0), hi
 
 
 def hybrid_radius(policy, classes, closed, smooth) -> float:

@@ -11,6 +11,7 @@ Encoders:
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -190,7 +191,33 @@ class Pipeline:
         mine = shard(np.arange(len(X)), w, block=self.batch_size)
         return all_gather_rows(mine, self.raw_latents(np.asarray(X)[mine]), len(X), w)
 
-    def predict(self, X, dataset_identity: str | None = None) -> np.ndarray:
+    def predict(self, X, dataset_identity: str | None = None, arithmetic: str = "auto") -> np.ndarray:
+        """Labels ``(n,)``.
+
+        ``arithmetic="certified"``: the arithmetic :meth:`certify`'s radii are about: the float64
+        pass of :meth:`certified_latents` (TF32 and FFT/Winograd kernels off while it runs) and the
+        head's exact decision. A closed-form radius holds for this function as it runs, at float
+        precision (``certify`` shaves the pass's rounding over the whole ball).
+
+        ``arithmetic="fast"``: the float32 encoder pass that ``fit`` and smoothing use (whatever
+        kernels the device picks, TF32 included where torch allows it). Its labels agree with the
+        certified ones except within rounding of a boundary; closed-form radii do NOT cover it, and
+        a radius for it is smoothing's (``probabilistic``, drawn from this same float32 module).
+
+        ``"auto"`` (default): certified wherever the encoder has a rounding analysis (the linear
+        encoders and every card the closed form certifies), else fast: an encoder without one
+        (a DEQ, say) has no closed-form certificate to keep.
+        """
+        from gmcert.encoders.lipschitz import LipschitzUnsupportedError
+
+        if arithmetic not in ("auto", "certified", "fast"):
+            raise DataError(f"arithmetic must be 'auto', 'certified' or 'fast', got {arithmetic!r}")
+        if arithmetic != "fast":
+            try:
+                return self.head.predict(self.certified_latents(X, dataset_identity)[0])
+            except LipschitzUnsupportedError:
+                if arithmetic == "certified":
+                    raise
         return self.head.predict(self.latents(X, dataset_identity))
 
     def _check_fitted(self):
@@ -240,50 +267,46 @@ class Pipeline:
             self._error_bounds[key] = ForwardErrorBound(self.encoder, shape, dtype=torch.float64)
         return self._error_bounds[key]
 
-    def certified_latents(self, X, dataset_identity: str | None = None):
+    def certified_latents(self, X, dataset_identity: str | None = None, ball: bool = False):
         """Head inputs ``z`` ``(n, d)`` float64 and a sound bound ``(n,)`` on ``||z - z_exact||``.
 
         ``z_exact`` is what exact arithmetic would give. The encoder runs in float64 and
         :class:`gmcert.encoders.rounding.ForwardErrorBound` bounds its rounding error (TF32, cuDNN, oneDNN
         and NNPACK off, so no FFT or Winograd convolution); the projection's rounding is added.
+        This is the arithmetic :meth:`predict` runs.
+
+        ``ball=True`` adds ``(E_c (n,), E_r)``: at every ``x'`` within r of ``X_i``, this same pass
+        computes a latent within ``E_c_i + E_r r`` of ``z_exact(x')``
+        (:mod:`gmcert.encoders.ball_rounding`), so that :meth:`certify`'s radii hold for
+        :meth:`predict` as it runs, not only for the exact function.
         """
         self._check_fitted()
+        proj = self.projection
         if self.encoder_name in LINEAR_ENCODERS:
-            raw = self.raw_latents(X)
-            return self.projection.transform(raw), self.projection.transform_error(raw)
+            raw = self.raw_latents(X)  # exact: the inputs as float64, reshaped
+            Z, err = proj.transform(raw), proj.transform_error(raw)
+            return (Z, err, (err, proj.transform_error_rate())) if ball else (Z, err)
         X = np.asarray(X)
         if X.ndim != 4:
             raise DataError(f"images must have shape (N, C, H, W), got {X.shape}")
         if not np.all(np.isfinite(X)):
             raise DataError("images contain NaN or inf")
-        raw, err = self._certified_pass(X, dataset_identity)
-        err = err * self.projection.lipschitz_constant() + self.projection.transform_error(raw)
-        return self.projection.transform(raw), err * (1 + 8 * EPS)
+        raw, err, A, B, rho_c, rho_r = self._certified_pass(X, dataset_identity)
+        L_proj, rate, te = proj.lipschitz_constant(), proj.transform_error_rate(), proj.transform_error(raw)
+        Z, err = proj.transform(raw), (err * L_proj + te) * (1 + 8 * EPS)
+        if not ball:
+            return Z, err
+        # at x': the encoder errs by A + B r (times the projection's norm), and the projection's
+        # rounding there is within its bound at the computed raw latent plus rate times how far
+        # the computed raw latent moved (rho_c + rho_r r)
+        E_c = (L_proj * A + te + rate * rho_c) * (1 + 8 * EPS)
+        return Z, err, (E_c, float((L_proj * B + rate * rho_r) * (1 + 8 * EPS)))
 
     def _certified_pass(self, X, dataset_identity):
-        """The encoder's float64 pass and its error bound, through the latent cache when the data
-        has an identity (so ``gmcert certify`` after ``gmcert fit`` does not encode again)."""
-        from gmcert.encoders.encoding import latent_cache_key, read_cached, write_cached
+        from gmcert.encoders.encoding import certified_pass
 
-        bound = self._error_bound(X.shape[1:])
-        path = None
-        if self.cache_dir is not None and dataset_identity is not None:
-            key = latent_cache_key(self.encoder, dataset_identity, {"pass": "float64 + rounding bound", "version": 1})
-            path = Path(self.cache_dir) / f"{key}.npz"
-            cached = read_cached(path, len(X), ("latents", "error")) if path.is_file() else None
-            if cached is not None:
-                return cached
-        from tqdm.auto import tqdm
-
-        chunks = [bound(X[i:i + 4 * self.batch_size], batch_size=self.batch_size, device=self.device)
-                  for i in tqdm(range(0, len(X), 4 * self.batch_size), desc="certifying pass", unit="chunk",
-                                leave=False, delay=2)]
-        if not chunks:
-            raise DataError("no inputs to certify")
-        raw, err = np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
-        if path is not None:
-            write_cached(path, key, latents=raw, error=err)
-        return raw, err
+        return certified_pass(self._error_bound(X.shape[1:]), X, self.batch_size, self.device,
+                              self.cache_dir, dataset_identity, self.encoder)
 
     def _estimate_lipschitz(self, x) -> float:
         """CLEVER-style local estimate at one input: NOT sound (kind ``estimate``)."""
@@ -309,12 +332,17 @@ class Pipeline:
         ``estimate``; otherwise the radius is ``exact`` or ``bound``, row by row.
         """
         start = time.perf_counter()
-        Z, err = self.certified_latents(X, dataset_identity)
+        Z, err, (E_c, E_r) = self.certified_latents(X, dataset_identity, ball=True)
         pred, computed, exact = self.head.certify(Z, method=method, return_exact=True)
-        # sound for z_exact, rounded down; an exact computed radius is also within the solver's
-        # tolerance of the true one, which gives the upper end. ``latent_radius`` stays the head's
-        # own radius at the computed latent: a statement about the head, as the TSV column says.
-        sound_latent = np.maximum(computed - err, 0.0) * (1 - 4 * EPS)
+        decided = self.head.predict(Z)  # predict's label; it differs only where the float margin is
+        computed, exact = np.where(decided == pred, computed, 0.0), exact & (decided == pred)  # only
+        # where the float margin is within rounding: a 0 radius there anyway
+        # The classifier as it runs (predict) at x' within r of x computes a latent within
+        # L r + err + E_c + E_r r of the computed z: z_exact(x) is within err of z, z_exact(x') within
+        # L r of z_exact(x), and predict's latent at x' within E_c + E_r r of z_exact(x'). Below the
+        # head's radius at z, the exact decision there is the one at z. ``latent_radius`` stays the
+        # head's own radius at the computed latent: a statement about the head, as the TSV says.
+        sound_latent = np.maximum(computed * (1 - 4 * EPS) - err - E_c, 0.0) * (1 - 4 * EPS)
         latent_upper = np.where(exact, computed * (1 + UPPER_TOL) + err, np.inf)
         if lipschitz == "estimate" and self.encoder_name not in LINEAR_ENCODERS:
             import torch
@@ -327,16 +355,19 @@ class Pipeline:
         else:
             L, kind = self.input_lipschitz(lipschitz, input_shape=np.shape(X)[1:])
             L = np.full(len(Z), L)
-            # exact only where the head's radius is exact and the latent's rounding is within the shave
-            exact_row = exact & (err <= RADIUS_SHAVE * computed)
-            kinds = np.where(exact_row & (kind == "exact"), "exact", "bound")
+            # exact only where the head's radius is exact and all the rounding is within the shave
+            shaved = err + E_c + E_r * computed / L
+            kinds = np.where(exact & (shaved <= RADIUS_SHAVE * computed) & (kind == "exact"), "exact", "bound")
+        L_upper, L = L, L + E_r
         per_point = (time.perf_counter() - start) / max(len(Z), 1)  # the estimates' cost included
         return [
             Certificate(prediction=int(p), radius=float(r / l * (1 - 4 * EPS)), radius_kind=str(k),
                         path="closed_form", samples=1, stop_reason="closed_form",
                         latent_radius=float(c), time=per_point,
-                        extra={"radius_upper": float(u / l * (1 + 4 * EPS)), "latent_error": float(e)})
-            for p, r, c, u, l, k, e in zip(pred, sound_latent, computed, latent_upper, L, kinds, err)
+                        extra={"radius_upper": float(u / lu * (1 + 4 * EPS)), "latent_error": float(e),
+                               "covers_predict": True})
+            for p, r, c, u, l, lu, k, e in zip(decided, sound_latent, computed, latent_upper, L, L_upper, kinds,
+                                               err)
         ]
 
     # -- torch view ------------------------------------------------------------------------
@@ -350,7 +381,8 @@ class Pipeline:
         dtype = dtype or torch.float32
         from gmcert.encoders.encoding import default_device
 
-        module = torch.nn.Sequential(self.encoder, self.projection.to_torch(dtype=dtype),
+        encoder = self.encoder if dtype == torch.float32 else copy.deepcopy(self.encoder).to(dtype)
+        module = torch.nn.Sequential(encoder, self.projection.to_torch(dtype=dtype),
                                      GaussianHead(self.head, dtype=dtype))
         # One device for all three parts (encode() may already have moved the encoder to CUDA).
         return module.to(torch.device(self.device) if self.device else default_device()).eval()

@@ -1,7 +1,9 @@
 """Cost of the sound certify path: ``Pipeline.certify`` (rounding-error bound of the encoder and the
 projection, per-shape Lipschitz constant, exactness flags) against the path it replaced (a plain
 float32 encode, the projection, the head's radii divided by one cached constant), same inputs,
-same run. Prints both wall times and their ratio.
+same run. Prints both wall times and their ratio; then the same for ``Pipeline.predict``: the
+certified arithmetic it runs by default (the float64 pass and the head's exact decision, what the
+radii hold for) against its float32 ``arithmetic="fast"`` path.
 
     python scripts/bench_certify_path.py            # raw pixels (540 inputs) and EfficientNet-Lite0 (64)
     python scripts/bench_certify_path.py --card-inputs 0
@@ -41,6 +43,11 @@ def compare(name, pipeline, X, repeats):
     agree = np.mean(np.array([c.prediction for c in pipeline.certify(X)]) == old_path(pipeline, X, L)[0])
     print(f"{name}: {len(X)} inputs, old path {old:.3f} s, sound path {new:.3f} s, ratio {new / old:.2f}x "
           f"(predictions agree on {agree:.1%})")
+    fast = best_of(lambda: pipeline.predict(X, arithmetic="fast"), repeats)
+    certified = best_of(lambda: pipeline.predict(X), repeats)
+    same = np.mean(pipeline.predict(X) == pipeline.predict(X, arithmetic="fast"))
+    print(f"{name}: predict, float32 fast {fast:.3f} s, certified arithmetic {certified:.3f} s, "
+          f"ratio {certified / fast:.2f}x (labels agree on {same:.1%})")
 
 
 def main():

@@ -108,12 +108,12 @@ def test_closed_form_rows_lose_the_threshold(digits):
 def test_hybrid_radius_formula():
     """The smoothing route's radius (module docstring), on hand-made certificates."""
     policy = FallbackPolicy(target_radius=0.5, route_threshold=0.5)
-    closed = Certificate(3, 0.1, "exact", "closed_form", extra={"radius_upper": 0.1})
+    closed = Certificate(3, 0.1, "exact", "closed_form", extra={"covers_predict": True, "radius_upper": 0.1})
     agree = Certificate(3, 2.0, "probabilistic", "smoothing")
     disagree = Certificate(4, 2.0, "probabilistic", "smoothing")
     assert hybrid_radius(policy, [3, 4, 5], closed, agree) == pytest.approx(0.5)  # min(r_g, tau)
     assert hybrid_radius(policy, [3, 4, 5], closed, disagree) == pytest.approx(0.4)  # tau - hi
-    zero = Certificate(3, 0.0, "bound", "closed_form", extra={"radius_upper": 0.2})
+    zero = Certificate(3, 0.0, "bound", "closed_form", extra={"covers_predict": True, "radius_upper": 0.2})
     assert hybrid_radius(policy, [3, 4], zero, agree) == pytest.approx(0.3)  # exact f unknown at x
     kl = {3: 0.1, 4: 9.0}  # class 4 never takes the closed form: nothing can route there
     strict = FallbackPolicy(target_radius=0.5, route_threshold=0.5, mismatch_threshold=1.0, kl_per_class=kl)
@@ -126,14 +126,14 @@ def test_band_answers_only_where_f_is_sure_and_agrees():
     the exact f holds at x (lo > 0) and g agrees with."""
     policy = FallbackPolicy(target_radius=0.3, route_threshold=0.3)
     g = Certificate(3, 1.0, "probabilistic", "smoothing")
-    unsure = Certificate(3, 0.0, "bound", "closed_form", extra={"radius_upper": 0.5})
+    unsure = Certificate(3, 0.0, "bound", "closed_form", extra={"covers_predict": True, "radius_upper": 0.5})
     assert policy.route(unsure) == "band" and routed_certificate(policy, [3, 4], unsure, g).prediction == ABSTAIN
-    sure = Certificate(3, 0.2, "bound", "closed_form", extra={"radius_upper": 0.4})
+    sure = Certificate(3, 0.2, "bound", "closed_form", extra={"covers_predict": True, "radius_upper": 0.4})
     cert = routed_certificate(policy, [3, 4], sure, g)
     assert policy.route(sure) == "band" and cert.prediction == 3 and cert.radius == pytest.approx(0.3)
     other = Certificate(4, 1.0, "probabilistic", "smoothing")
     assert routed_certificate(policy, [3, 4], sure, other).prediction == ABSTAIN
-    above = Certificate(3, 0.5, "exact", "closed_form", extra={"radius_upper": 0.5})
+    above = Certificate(3, 0.5, "exact", "closed_form", extra={"covers_predict": True, "radius_upper": 0.5})
     cert = routed_certificate(policy, [3, 4], above)
     assert cert.path == "closed_form" and cert.radius == pytest.approx(0.2) and cert.radius_kind == "bound"
 

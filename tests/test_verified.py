@@ -302,3 +302,48 @@ def test_compare_puts_verified_srs_beside_cohen(cdeq, tmp_path):
     cohen, srs = (read_tsv(model / "compare" / f"{m}.tsv") for m in ("cohen-n600", "srsv6-n600"))
     assert [r["radius"] for r in srs] == [r["radius"] for r in cohen]
     assert all(r["stop_reason"].startswith("verified:solver_steps=") for r in srs)
+
+
+def test_verified_srs_refuses_a_stem_that_changes_with_the_batch_layout(cdeq, monkeypatch):
+    """STEM_RELATIVE is a checked premise: a stem whose output depends on the batch size (as a
+    layout-dependent kernel's may) gets the run refused, not a proof that rests on it."""
+    from gmcert.smoothing.smoother import Smoother
+
+    class LayoutDependent(torch.nn.Module):
+        def __init__(self, stem):
+            super().__init__()
+            self.inner = stem
+
+        def forward(self, v):
+            return self.inner(v) * (1 + 1e-3 * (len(v) > 40))  # large batches differ
+
+    deq = cdeq["parts"][1]
+    monkeypatch.setattr(deq, "stem", LayoutDependent(deq.stem))
+    smoother = Smoother(cdeq["base"], num_classes=len(cdeq["pipeline"].head.classes_), sigma=0.25, batch_size=64)
+    with pytest.raises(DataError, match="batch layout"):
+        certify_verified(smoother, torch.as_tensor(cdeq["x"][0]), 10, 200, 0.01)
+
+
+def test_the_standard_deq_is_one_function_of_each_sample(cdeq):
+    """In eval mode the DEQ runs in layout-free arithmetic: a sample's fixed point is bitwise the
+    same alone, in a batch of 64 and in uneven splits, and the global flags are restored."""
+    deq, x = cdeq["parts"][1], torch.as_tensor(cdeq["x"][:64])
+    was = torch.are_deterministic_algorithms_enabled()
+    with torch.no_grad():
+        full = deq.forward_features(x)
+        alone = torch.cat([deq.forward_features(x[i:i + 1]) for i in range(len(x))])
+        split = torch.cat([deq.forward_features(x[:37]), deq.forward_features(x[37:])])
+    assert torch.equal(full, alone) and torch.equal(full, split)
+    assert torch.are_deterministic_algorithms_enabled() == was and torch.backends.mkldnn.enabled
+
+
+def test_a_deq_on_cuda_needs_deterministic_cublas(monkeypatch):
+    from gmcert.encoders.deq import layout_free_arithmetic
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with pytest.raises(DataError, match="CUBLAS_WORKSPACE_CONFIG"):
+        with layout_free_arithmetic("cuda"):
+            pass
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    with layout_free_arithmetic("cpu"):
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.mkldnn.enabled

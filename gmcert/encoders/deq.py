@@ -4,19 +4,49 @@ solver (MDEQ-like, single scale), registered with timm as ``gmcert_deq``.
 The solvers and the implicit (IFT) backward pass come from ``torchdeq`` (Geng and Kolter's DEQ
 library: Anderson, Broyden, fixed-point iteration). For serialized smoothing the module takes a
 warm start: with ``serial_state`` set, ``serial_steps`` fixed-point steps run from it; every pass
-leaves its fixed point in ``last_state`` and its cell evaluations in ``last_steps``.
+leaves its fixed point in ``last_state`` and its cell evaluations in ``last_steps``. Evaluation
+runs in :func:`layout_free_arithmetic`, so that "the standard DEQ" that serialized smoothing
+certifies is one function of each sample, whatever batch it is solved in.
 Closed-form certificates do not cover DEQs (no sound bound on a solve's error); they certify by
 smoothing.
 """
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 from timm.models import register_model
 from torch import nn
 
 from gmcert.encoders.small import TimmModel, built
+from gmcert.errors import DataError
 
 SOLVERS = ("anderson", "broyden", "fixed_point_iter")
+#: cuBLAS is deterministic only with one of these workspace settings (torch refuses otherwise)
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
+
+
+@contextlib.contextmanager
+def layout_free_arithmetic(device):
+    """The standard DEQ's arithmetic, which both DEQs evaluate in: a sample's answer is one
+    function of the sample, whatever batch it shares (:mod:`gmcert.encoders.cdeq` has the
+    measurement). It is the certified pass's standard arithmetic
+    (:func:`gmcert.encoders.rounding.standard_arithmetic`) and torch's deterministic algorithms,
+    restored on exit. On CUDA it refuses to run unless ``CUBLAS_WORKSPACE_CONFIG`` is set to one
+    of ``CUBLAS_DETERMINISTIC`` (cuBLAS reads it when it starts: set it before Python does)."""
+    from gmcert.encoders.rounding import standard_arithmetic
+
+    if torch.device(device).type == "cuda" and os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in CUBLAS_DETERMINISTIC:
+        raise DataError("a DEQ on CUDA needs deterministic cuBLAS: start Python with "
+                        "CUBLAS_WORKSPACE_CONFIG=:4096:8")
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with standard_arithmetic():
+            yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
 
 
 class DEQCell(nn.Module):
@@ -60,7 +90,14 @@ class DEQNet(TimmModel):
         each sample keeping its lowest-residual iterate (no stop at the batch's tolerance, which
         would make a sample's answer depend on the samples beside it). Training: at most
         ``train_max_iter`` steps, to ``tol``. With ``serial_state`` set (serialized smoothing),
-        ``serial_steps`` plain fixed-point steps from that state instead."""
+        ``serial_steps`` plain fixed-point steps from that state instead. In eval mode it runs in
+        :func:`layout_free_arithmetic`."""
+        if self.training:
+            return self._features(x)
+        with layout_free_arithmetic(x.device):
+            return self._features(x)
+
+    def _features(self, x):
         u = self.stem(x)
         if self.serial_state is not None:
             z = self.serial_state.to(u)[: len(u)]

@@ -144,3 +144,29 @@ def encode(encoder, images, batch_size: int = 64, device=None, cache_dir=None, c
     if path is not None:
         write_cached(path, cache_key, latents=latents)
     return latents
+
+
+def certified_pass(bound, X, batch_size, device, cache_dir=None, dataset_identity=None, encoder=None):
+    """``bound(X, ball=True)`` (a :class:`gmcert.encoders.rounding.ForwardErrorBound`) in chunks with
+    a progress bar: ``(raw, err, A, B, rho_c, rho_r)``. With ``cache_dir`` and ``dataset_identity``
+    it goes through the latent cache (keyed by ``encoder``, the module ``bound`` analyses), so
+    ``gmcert certify`` after ``gmcert fit`` does not encode again."""
+    names, path = ("latents", "error", "A", "B", "rho_c", "rho_r"), None
+    if cache_dir is not None and dataset_identity is not None and encoder is not None:
+        key = latent_cache_key(encoder, dataset_identity, {"pass": "float64 + rounding bound", "version": 2})
+        path = Path(cache_dir) / f"{key}.npz"
+        cached = read_cached(path, len(X), names) if path.is_file() else None
+        if cached is not None:
+            raw, err, A, B, rho_c, rho_r = cached
+            return raw, err, A, float(B.max()), rho_c, float(rho_r.max())
+    step = 4 * int(batch_size)
+    chunks = [bound(X[i:i + step], batch_size=batch_size, device=device, ball=True)
+              for i in tqdm(range(0, len(X), step), desc="certifying pass", unit="chunk", leave=False, delay=2)]
+    if not chunks:
+        raise DataError("no inputs to certify")
+    raw, err, A, rho_c = (np.concatenate([c[i] for c in chunks]) for i in (0, 1, 2, 4))
+    B, rho_r = max(c[3] for c in chunks), max(c[5] for c in chunks)
+    if path is not None:
+        write_cached(path, key, latents=raw, error=err, A=A, B=np.full(len(raw), B), rho_c=rho_c,
+                     rho_r=np.full(len(raw), rho_r))
+    return raw, err, A, B, rho_c, rho_r

@@ -123,6 +123,17 @@ class PCAProjection:
         bound = (np.abs(Z) + np.abs(self.mean_)) @ np.abs(self.components_).T
         return np.linalg.norm(bound, axis=1) * _gamma(d + 2) * (1 + _gamma(d + 2))
 
+    def transform_error_rate(self) -> float:
+        """``c`` with ``transform_error``'s bound at ``Z'`` within ``transform_error(Z) + c ||Z' - Z||``.
+
+        The bound is ``g ||(|Z| + |mean|) |C|^T||`` and ``||Z'| - |Z|| <= |Z' - Z|``, so ``c`` is
+        ``g`` times ``||abs(C)||_2 <= sqrt(max row sum * max column sum)`` (no power iteration).
+        """
+        _check_fitted(self)
+        A, d = np.abs(self.components_), self.components_.shape[1]
+        norm = np.sqrt(A.sum(axis=1).max() * A.sum(axis=0).max()) * (1 + _gamma(d + 2))
+        return float(norm * _gamma(d + 2) * (1 + _gamma(d + 2)))
+
     def to_torch(self, dtype=torch.float32) -> ProjectionLayer:
         """The projection as a module (for smoothing the whole pipeline and Lipschitz bounds)."""
         _check_fitted(self)
@@ -180,6 +191,9 @@ class IdentityProjection:
     def transform_error(self, Z) -> np.ndarray:
         """The identity computes nothing: no rounding error."""
         return np.zeros(len(_as_matrix(Z, "Z")))
+
+    def transform_error_rate(self) -> float:
+        return 0.0
 
     def to_torch(self, dtype=torch.float32) -> nn.Module:
         return nn.Flatten(1)

@@ -254,9 +254,10 @@ class _Step:
             delta = self.coef * _interpolate(x.abs().double(), t, "abs")
         else:  # max-pool; a resize that only copies pixels
             y = m(x)
-        e = self.L * e
+        e, self.last_delta = self.L * e, None  # last_delta: the local term, for gmcert.encoders.ball_rounding
         if delta is not None:
-            e = e + _norm(delta) + self.floor * math.sqrt(y[0].numel())
+            self.last_delta = _norm(delta) + self.floor * math.sqrt(y[0].numel())
+            e = e + self.last_delta
         return y, e * _INFLATE
 
 
@@ -367,12 +368,14 @@ class ForwardErrorBound:
             raise LipschitzUnsupportedError(f"{type(module).__name__}: the rounding analysis does not reproduce "
                                             "the module's forward pass")
 
-    def __call__(self, X, batch_size: int = 64, device=None) -> tuple:
+    def __call__(self, X, batch_size: int = 64, device=None, ball: bool = False) -> tuple:
         """``(Z, err)``: outputs ``(n, d)`` float64 and bounds ``(n,)`` on ``||Z_i - f(X_i)||_2``.
 
         ``X`` is ``(n, *input_shape)`` (array or tensor); values that ``dtype`` cannot hold count as
         input error. ``batch_size`` inputs go through at a time, on ``device`` (default: the module's).
-        Non-finite outputs get ``err = inf``.
+        Non-finite outputs get ``err = inf``. ``ball=True`` adds ``(A, B, rho_c, rho_r)``: at every
+        ``x'`` within r of ``X_i`` this pass errs by at most ``A_i + B r`` and its output moves by at
+        most ``rho_c_i + rho_r r`` (:mod:`gmcert.encoders.ball_rounding`).
         """
         X = torch.as_tensor(X)
         if tuple(X.shape[1:]) != self.input_shape or len(X) == 0:
@@ -386,6 +389,10 @@ class ForwardErrorBound:
             for step in self._steps:
                 step.to(device)
             self._location = device
+        if ball:
+            from gmcert.encoders.ball_rounding import pass_with_ball
+
+            return pass_with_ball(self, X, batch_size)
         Z, err = [], []
         with standard_arithmetic():
             for batch in X.split(int(batch_size)):

@@ -19,6 +19,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from gmcert.errors import DataError
 from gmcert.latent import certificates
+from gmcert.latent.exact_decision import exact_decisions
 from gmcert.latent.integrity import HeadInconsistency, precisions_from_covariances
 from gmcert.latent.moments import SufficientStatistics, label_indices, shrunk_covariance
 
@@ -271,8 +272,15 @@ class GaussianMixtureClassifier(ClassifierMixin, BaseEstimator):
         return np.exp(self.predict_log_proba(Z))
 
     def predict(self, Z):
-        scores = self._class_scores(self._check_latents(Z))
-        return self.classes_[scores.argmax(axis=1)]
+        """Labels ``(n,)`` of the exact head: the float argmax, and where the top margin is within
+        the scores' rounding bound, the exact decision (:mod:`gmcert.latent.exact_decision`), so
+        that the prediction is the one the certificates are about, also next to a boundary."""
+        Z = self._check_latents(Z)
+        geo = self._geometry
+        rows = max(64, 2 ** 21 // (len(geo.means) * max(Z.shape[1], 1)))
+        out = [exact_decisions(geo, Z[i:i + rows], *geo.component_terms(Z[i:i + rows])[:2])
+               for i in range(0, len(Z), rows)]
+        return self.classes_[np.concatenate(out) if out else np.empty(0, dtype=np.intp)]
 
     def score(self, Z, y, sample_weight=None):
         """Accuracy; DataError for labels not seen at fit."""

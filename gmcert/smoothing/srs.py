@@ -3,7 +3,11 @@
 The counted samples run as a chain of batches: batch t's solves start from batch t-1's fixed points
 (sample j from sample j) and take ``steps`` plain fixed-point steps; every ``warmup_interval``-th
 batch is solved in full from a cold start. The classifier certified is the *standard* DEQ: a cold
-start and a full solve (``DEQNet``'s evaluation solve). The warm answers are corrected by a blind
+start and a full solve (the DEQ's evaluation solve), in the layout-free arithmetic both DEQs
+evaluate in (:func:`gmcert.encoders.deq.layout_free_arithmetic`: no TF32, cuDNN, oneDNN or NNPACK,
+deterministic algorithms), where a sample's answer does not depend on the batch it is solved in.
+With torch's default kernels it does, by up to 2.5e-4 in ``gmcert_deq``'s fixed point (measured
+in :mod:`gmcert.encoders.cdeq`), so that "the standard DEQ" would not be one classifier. The warm answers are corrected by a blind
 audit (:mod:`gmcert.smoothing.serialized`, where the argument is): ``audit_size`` chain indices,
 drawn before any counted noise from the selection stream, are re-solved cold at the same noise.
 Selection (``n0`` draws) uses full cold solves, so c_A is the standard DEQ's guess.
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 from scipy.special import ndtri
 
+from gmcert.encoders.deq import layout_free_arithmetic
 from gmcert.errors import DataError
 from gmcert.results import ABSTAIN, Certificate
 from gmcert.smoothing.serialized import audit_indices, serialized_lower_bound
@@ -165,10 +170,11 @@ def certify_verified(smoother, x, n0: int, n: int, alpha: float, steps: int = 6,
     ``extra``: ``solver_steps`` (cell evaluations, all solves), ``verified`` (warm answers proven),
     ``cold`` (samples of the chain's cold batches), ``fallback`` (warm samples not proven, then solved
     cold), ``p_lower``, ``n_a``; ``samples`` counts every base evaluation (n0 + n + fallback).
-    """
-    from gmcert.smoothing.stats import clopper_pearson_lower
-    from gmcert.smoothing.verified import verify
 
+    It runs in the standard DEQ's layout-free arithmetic, and refuses (DataError) where that cannot
+    be had (CUDA without deterministic cuBLAS) or where a batch's stem output changes with its
+    layout by more than the ``STEM_RELATIVE`` premise allows (checked on every chain batch).
+    """
     start = time.perf_counter()
     if not (int(steps) >= 1 and (warmup_interval is None or int(warmup_interval) >= 1) and int(n0) >= 1
             and int(n) >= 1):
@@ -176,6 +182,37 @@ def certify_verified(smoother, x, n0: int, n: int, alpha: float, steps: int = 6,
                         f"{warmup_interval}, {n0}, {n}")
     encoder, deq, contraction, geometry = _verified_parts(smoother.base)
     x = smoother._as_batch(x, single=True)[0]
+    with layout_free_arithmetic(x.device):  # the standard DEQ's arithmetic, for the chain's own steps too
+        return _certify_verified(smoother, x, n0, n, alpha, steps, warmup_interval, batch_size, start,
+                                 (encoder, deq, contraction, geometry))
+
+
+def _stem_checked(deq, encoder, batch):
+    """The chain's injection u for ``batch``, and the premise ``STEM_RELATIVE`` states, checked: the
+    same rows' stem in another layout (each half alone) must agree within a tenth of it, else the
+    run is refused (the proofs would rest on an unchecked bound)."""
+    from gmcert.smoothing.verified import STEM_RELATIVE
+
+    def stem(b):
+        return deq.stem((encoder.resize(b) - encoder.mean) / encoder.std)  # the encoder's own pass
+
+    u = stem(batch)
+    if len(batch) > 1:
+        half = len(batch) // 2
+        other = torch.cat([stem(batch[:half]), stem(batch[half:])])
+        relative = float(((other - u).flatten(1).norm(dim=1) / u.flatten(1).norm(dim=1).clamp_min(1e-30)).max())
+        if not relative <= STEM_RELATIVE / 10:
+            raise DataError(f"verified serialized smoothing refused: the DEQ's stem output changes by {relative:.2e} "
+                            f"(relative) with the batch layout on {batch.device}, above the {STEM_RELATIVE / 10:.0e} "
+                            "its proofs allow; drop --verify (the audited SRS assumes nothing of the kind)")
+    return u
+
+
+def _certify_verified(smoother, x, n0, n, alpha, steps, warmup_interval, batch_size, start, parts):
+    from gmcert.smoothing.stats import clopper_pearson_lower
+    from gmcert.smoothing.verified import verify
+
+    encoder, deq, contraction, geometry = parts
     batch_size = int(batch_size or smoother.batch_size)
     deq.serial_state = None  # cold solves below must be the standard DEQ's, whatever a caller left set
     evaluations, verified, cold_count = [0.0], 0, 0
@@ -198,7 +235,7 @@ def certify_verified(smoother, x, n0: int, n: int, alpha: float, steps: int = 6,
             state, cold_count = deq.last_state, cold_count + size
             continue
         current = state[:size].clone()
-        u = deq.stem((encoder.resize(batch) - encoder.mean) / encoder.std)  # the encoder's own pass
+        u = _stem_checked(deq, encoder, batch)
         deq.cell.prepare()
         z, u_left, left = current, u, torch.arange(size, device=smoother.device)  # the rows not proven yet
         for step in range(int(steps)):

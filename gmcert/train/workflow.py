@@ -213,8 +213,8 @@ def _finish(out, staging, student, inputs, classes, train, test, config, record,
         seed=config.seed + 7)))
     if len(test):
         noisy_held = held + np.random.default_rng(config.seed + 7).normal(0.0, config.sigma, held.shape).astype(np.float32)
-        record["head"] = {"clean_accuracy": float(np.mean(pipeline.predict(held) == inputs.labels[test])),
-                          "noisy_accuracy": float(np.mean(pipeline.predict(noisy_held) == inputs.labels[test]))}
+        record["head"] = {"clean_accuracy": float(np.mean(pipeline.predict(held, arithmetic="fast") == inputs.labels[test])),
+                          "noisy_accuracy": float(np.mean(pipeline.predict(noisy_held, arithmetic="fast") == inputs.labels[test]))}
     (staging / "train.json").write_text(json.dumps(record, indent=2) + "\n")
     plot_training(record["history"], staging / "training_curves.png",
                   title=f"{config.method}, sigma={config.sigma}, {student.card.name}")
