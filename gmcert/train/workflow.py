@@ -207,11 +207,13 @@ def _finish(out, staging, student, inputs, classes, train, test, config, record,
                                 for _ in range(config.head_copies)])
         pipeline.fit(noisy, np.tile(inputs.labels[train], config.head_copies))
     pipeline.input_shape_ = tuple(x.shape[1:])
-    held = np.asarray(inputs.x[test], dtype=np.float32)
-    record["network"] = dict(zip(("clean_accuracy", "noisy_accuracy"), evaluate(
-        student, torch.as_tensor(held), torch.as_tensor(np.searchsorted(classes, inputs.labels[test])), config.sigma,
-        seed=config.seed + 7)))
+    record["train_rows"], record["test_rows"] = int(len(train)), int(len(test))
+    record["network"] = record["head"] = None  # --test-size 0: no held-out split to measure them on
     if len(test):
+        held = np.asarray(inputs.x[test], dtype=np.float32)
+        record["network"] = dict(zip(("clean_accuracy", "noisy_accuracy"), evaluate(
+            student, torch.as_tensor(held), torch.as_tensor(np.searchsorted(classes, inputs.labels[test])),
+            config.sigma, seed=config.seed + 7)))
         noisy_held = held + np.random.default_rng(config.seed + 7).normal(0.0, config.sigma, held.shape).astype(np.float32)
         record["head"] = {"clean_accuracy": float(np.mean(pipeline.predict(held) == inputs.labels[test])),
                           "noisy_accuracy": float(np.mean(pipeline.predict(noisy_held) == inputs.labels[test]))}
@@ -223,6 +225,6 @@ def _finish(out, staging, student, inputs, classes, train, test, config, record,
     pipeline.metadata = {"data": str(inputs.source), "channels": int(inputs.x.shape[1]), "test_index": test.tolist(),
                          "seed": config.seed, "noise_sigma": config.sigma, "noise_copies": config.head_copies,
                          "train": {"config": config.as_dict(), "network": record["network"],
-                                   "head": record.get("head")}}
+                                   "head": record["head"]}}
     pipeline.save(out)
     return pipeline
