@@ -91,14 +91,18 @@ class Inputs:
         return Inputs(self.x[index], self.labels[index], identity, self.channels, self.source)
 
 
-def load_inputs(data: dict, channels=3, download=False, limit=None) -> Inputs:
-    """Inputs named by ``data`` (``{"latents": path}`` or ``{"data": spec}``), cut to ``limit`` rows."""
+def load_inputs(data: dict, channels=3, download=False, limit=None, root=None, split="train") -> Inputs:
+    """Inputs named by ``data`` (``{"latents": path}`` or ``{"data": spec}``), cut to ``limit`` rows.
+
+    A dataset named without its split (``fashion-mnist``) reads ``split``; ``root`` is where its
+    files are (``--data-root``)."""
     if "latents" in data:
         inputs = Inputs(*read_latents(data["latents"]), source=str(data["latents"]))
     else:
-        from gmcert.data import load_dataset
+        from gmcert.data import load_dataset, resolve_split
 
-        dataset = load_dataset(data["data"], download=download, channels=channels)
+        data = {"data": resolve_split(data["data"], split)}
+        dataset = load_dataset(data["data"], download=download, channels=channels, root=root, limit=limit)
         if dataset.labels is None:
             raise DataError(f"{data['data']}: needs labels as well as images; this file has images only")
         # Raw pixels of grayscale data stay 1-channel for the identity encoder: 3 copies would only
@@ -192,7 +196,9 @@ def model_inputs(args, pipeline, split: str = "test") -> tuple[Inputs, np.ndarra
     meta, channels = pipeline.metadata, pipeline.metadata.get("channels", 3)
     if args.latents or args.data:
         data = {"latents": args.latents} if args.latents else {"data": args.data}
-        inputs = load_inputs(data, channels, download=args.download)
+        # a dataset with splits named bare: certify (and compare, and diagnose's sound statements)
+        # read its test split, diagnose's mismatch estimates and --calibrate its training split
+        inputs = load_inputs(data, channels, download=args.download, root=getattr(args, "data_root", None), split=split)
         check_model_inputs(inputs, pipeline, args.model)
         if args.limit is None:
             return inputs, np.arange(len(inputs.labels))
@@ -203,7 +209,7 @@ def model_inputs(args, pipeline, split: str = "test") -> tuple[Inputs, np.ndarra
         raise DataError(f"model {args.model} does not record its data; pass --data or --latents")
     if split == "test" and not meta.get("test_index"):
         raise DataError(f"model {args.model} has no held-out split; pass --data or --latents")
-    inputs = load_inputs(source, channels, download=args.download)
+    inputs = load_inputs(source, channels, download=args.download, root=getattr(args, "data_root", None))
     check_model_inputs(inputs, pipeline, args.model)
     try:
         held_out = np.asarray(meta.get("test_index", []), dtype=np.int64).ravel()

@@ -108,6 +108,16 @@ class Pipeline:
 
         return describe_encoder(self.encoder)
 
+    def input_resize(self, image_hw) -> dict | None:
+        """The resize the encoder's card applies to ``image_hw`` images and its norm in the bound
+        (:func:`gmcert.encoders.resizing.resize_record`); None for none, or for raw pixels and modules."""
+        card = getattr(self.encoder, "card", None) if self.encoder_name not in LINEAR_ENCODERS else None
+        if card is None:
+            return None
+        from gmcert.encoders.resizing import resize_record
+
+        return resize_record(card, image_hw)
+
     def raw_latents(self, X, dataset_identity: str | None = None) -> np.ndarray:
         """Encoder outputs ``(n, D)`` float64, before projection."""
         if self.encoder_name == "none":

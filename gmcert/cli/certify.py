@@ -73,6 +73,7 @@ def cmd_certify(args) -> int:
         [{**r, "radius": r["latent_radius"] if r["path"] == "closed_form" else 0.0} for r in rows],
         args.radii).tolist()
     summary["config"] = {k: v for k, v in vars(args).items() if k != "policy"}
+    summary["resize"] = pipeline.input_resize(inputs.x.shape[2:]) if inputs.x.ndim == 4 else None
     if args.fallback != "none":
         from dataclasses import asdict
 

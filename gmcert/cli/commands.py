@@ -20,10 +20,13 @@ def cmd_fit(args) -> int:
         encoder, projection, data = "none", args.projection or "none", {"latents": str(Path(args.latents).resolve())}
     else:
         encoder, projection = args.encoder or "efficientnet_lite0", args.projection or "pca"
-        data = {"data": args.data or "digits"}
+        from gmcert.data import resolve_split
+
+        data = {"data": resolve_split(args.data or "digits", "train")}  # recorded with its split, for certify
     # Everything is checked, fitted and evaluated before the model directory is written.
     check_folder_target(args.out, "--out", owner_file="pipeline.json")
-    inputs = load_inputs(data, channels=_encoder_channels(encoder), download=args.download, limit=args.limit)
+    inputs = load_inputs(data, channels=_encoder_channels(encoder), download=args.download, limit=args.limit,
+                         root=args.data_root)
     train, test = fit_split(inputs.labels, args.test_size, args.seed, args.components_per_class)
     if projection == "pca" and encoder in LINEAR_ENCODERS:
         samples = len(train) * (1 + (args.noise_copies if args.noise_sigma > 0 else 0))
@@ -37,8 +40,13 @@ def cmd_fit(args) -> int:
     pipeline = Pipeline(encoder=encoder, projection=projection, n_components=args.dim, head=head,
                         pretrained=not args.no_pretrained, batch_size=args.batch_size, device=args.device,
                         cache_dir=args.cache_dir or None)
+    resize = None
     if encoder not in LINEAR_ENCODERS:
         _ = pipeline.encoder  # an unknown card or missing weights fail here, before any work
+        from gmcert.encoders.resizing import describe_resize
+
+        resize = pipeline.input_resize(inputs.x.shape[2:])
+        print(describe_resize(resize, inputs.x.shape[2:]), file=sys.stderr)
     dim = f"({args.dim})" if projection == "pca" else ""
     structure = "selected" if args.select else args.covariance_type  # --select chooses it on the training split
     print(f"fitting {encoder} -> {projection}{dim} -> {structure} Gaussian mixture on {len(train)} inputs",
@@ -53,7 +61,7 @@ def cmd_fit(args) -> int:
     if not current().main:  # under torchrun the ranks encoded their shares; rank 0 evaluates and saves
         return 0
     pipeline.metadata = {**data, "channels": inputs.channels, "test_index": test.tolist(), "seed": args.seed,
-                         "noise_sigma": args.noise_sigma, "noise_copies": args.noise_copies}
+                         "noise_sigma": args.noise_sigma, "noise_copies": args.noise_copies, "resize": resize}
     if args.select:  # chosen on the training split's latents only; the held-out split stays unseen
         pipeline.metadata["head_selection"] = pipeline.selection_.to_dict()
         print(pipeline.selection_.table())

@@ -50,11 +50,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+DATA_HELP = ("digits | fashion-mnist[:train|:test] (bare: fit and train read train, certify test) | "
+             "cifar10[:train|:test] | ImageFolder dir | .npy/.npz images")
+DATA_ROOT_HELP = ("where Fashion-MNIST's IDX files (or CIFAR-10) are (default: $GMCERT_DATA, ~/.cache/gmcert/data, "
+                  "then /usr/share/datasets/fashion-mnist from `apt-get install dataset-fashion-mnist`)")
+
+
 def _add_data_args(p, latents_help):
     group = p.add_mutually_exclusive_group()
     group.add_argument("--latents", help=latents_help)
-    group.add_argument("--data", help="digits | cifar10[:train|:test] | ImageFolder dir | .npy/.npz images")
-    p.add_argument("--download", action="store_true", help="allow downloading CIFAR-10 via torchvision")
+    group.add_argument("--data", help=DATA_HELP)
+    p.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)
+    p.add_argument("--download", action="store_true", help="allow downloading CIFAR-10 or Fashion-MNIST via torchvision")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, help="latent cache directory ('' to disable)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N inputs")

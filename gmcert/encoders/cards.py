@@ -37,6 +37,7 @@ from torch import nn
 
 from gmcert.data import INTERPOLATIONS, Resize
 from gmcert.encoders import cdeq, deq, small  # noqa: F401  (register gmcert's own architectures with timm)
+from gmcert.encoders.state_dicts import _read_state_dict, check_state_dict, map_ordered  # noqa: F401  (re-exported)
 from gmcert.errors import DataError, GmcertError, ModelFileError, WeightsUnavailableError
 
 def _cards_dir() -> Path:
@@ -68,6 +69,10 @@ class EncoderCard:
     weights: dict = field(default_factory=lambda: {"source": "none"})
     description: str = ""
     path: str = ""
+    #: the architecture is built at any input size (gmcert's own networks): `gmcert train` gives it
+    #: the data's size, from ``min_size`` px up, instead of resizing the data to ``input_size``
+    native_size: bool = False
+    min_size: int = 1
 
     def __post_init__(self):
         where = self.path or self.name
@@ -87,6 +92,9 @@ class EncoderCard:
         """JSON-ready description (for cache keys and model metadata); ``path`` left out."""
         out = asdict(self)
         out.pop("path")
+        for key, default in (("native_size", False), ("min_size", 1)):  # absent at their defaults: older
+            if out[key] == default:                                      # models' descriptions stay true
+                out.pop(key)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
@@ -112,7 +120,8 @@ def card_from_toml(path) -> EncoderCard:
                        interpolation=raw["interpolation"], feature_dim=int(raw["feature_dim"]),
                        num_classes=int(raw.get("num_classes", 1000)),
                        weights=dict(raw.get("weights", {"source": "none"})),
-                       description=raw.get("description", ""), path=str(path))
+                       description=raw.get("description", ""), path=str(path),
+                       native_size=bool(raw.get("native_size", False)), min_size=int(raw.get("min_size", 1)))
 
 
 def card_from_timm(model_name: str) -> EncoderCard:
@@ -269,59 +278,9 @@ def _package_weights_file(card: EncoderCard) -> str:
     return str(found[0])
 
 
-def _read_state_dict(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ModelFileError(path, "missing")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path, device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch/safetensors raise several types for damaged or foreign files
-        raise ModelFileError(path, "corrupt", f"{type(err).__name__}: {err}") from err
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ModelFileError(path, "foreign", "not a state dict of tensors")
-    return state
-
-
-def _role(key: str) -> str:
-    """The last name component, with BatchNorm buffers kept distinct from weights and biases."""
-    return key.rsplit(".", 1)[-1]
-
-
-def map_ordered(source: dict, target: dict, path: str = "") -> dict:
-    """Rename ``source``'s tensors to ``target``'s keys, position by position.
-
-    Raises ModelFileError unless the counts match and, at every position, the shapes and the
-    roles (``weight``, ``bias``, ``running_mean``, ...) agree.
-    """
-    if len(source) != len(target):
-        raise ModelFileError(path, "foreign", f"{len(source)} tensors, the architecture has {len(target)}")
-    mapped = {}
-    for i, ((src_key, src), (dst_key, dst)) in enumerate(zip(source.items(), target.items(), strict=True)):
-        if tuple(src.shape) != tuple(dst.shape) or _role(src_key) != _role(dst_key):
-            raise ModelFileError(path, "foreign", f"tensor {i}: {src_key} {tuple(src.shape)} cannot map "
-                                                  f"onto {dst_key} {tuple(dst.shape)}")
-        mapped[dst_key] = src
-    return mapped
-
-
-def check_state_dict(path, saved: dict, model: torch.nn.Module) -> None:
-    """Refuse weights that do not fit ``model``, naming what differs (missing, extra, shapes)."""
-    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in saved.items()}
-    problems = [f"{k} missing" for k in wanted if k not in found]
-    problems += [f"{k} not in the model" for k in found if k not in wanted]
-    problems += [f"{k} has shape {found[k]}, the model needs {wanted[k]}"
-                 for k in wanted if k in found and found[k] != wanted[k]]
-    if problems:
-        raise ModelFileError(path, "foreign", "weights do not fit the network: " + "; ".join(problems[:4])
-                             + ("; ..." if len(problems) > 4 else ""))
+def _size_kwargs(card: EncoderCard) -> dict:
+    """``img_size`` for an architecture built at the card's input size (``native_size`` cards)."""
+    return {"img_size": tuple(card.input_size[1:])} if card.native_size else {}
 
 
 def _build(card: EncoderCard, pretrained: bool):
@@ -336,7 +295,7 @@ def _build(card: EncoderCard, pretrained: bool):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             return timm.create_model(card.architecture, pretrained=False, num_classes=card.num_classes,
-                                     in_chans=card.input_size[0]), RANDOM_INIT
+                                     in_chans=card.input_size[0], **_size_kwargs(card)), RANDOM_INIT
     source = card.weights["source"]
     if source == "timm":
         path = _timm_weights_file(card)
@@ -353,7 +312,7 @@ def _build(card: EncoderCard, pretrained: bool):
     if digest is not None and expected and digest != expected:
         raise ModelFileError(path, "foreign", f"sha256 {digest[:16]}... differs from the card's {expected[:16]}...")
     net = timm.create_model(card.architecture, pretrained=False, num_classes=card.num_classes,
-                            in_chans=card.input_size[0])
+                            in_chans=card.input_size[0], **_size_kwargs(card))
     state = _read_state_dict(path)
     if card.weights.get("mapping", "names") == "ordered":
         state = map_ordered(state, net.state_dict(), path)

@@ -74,7 +74,7 @@ def _ops(m, name):
     """Flatten ``m`` into ops in forward order; exact type matches only (subclasses may differ)."""
     from gmcert.encoders.cards import Encoder
     from gmcert.encoders.projection import ProjectionLayer
-    from gmcert.encoders.small import GroupSort, LipschitzMLP, SmallCNN
+    from gmcert.encoders.small import GroupSort, LeNet, LipschitzMLP, SmallCNN
 
     t, tt = type(m), _timm_types()
 
@@ -90,6 +90,8 @@ def _ops(m, name):
                                         "error; certify it by smoothing (gmcert compare --methods cohen,sequential)")
     if t is SmallCNN:
         return sub("features", "pool", "flatten", "classifier")
+    if t is LeNet:
+        return sub("features", "flatten", "fc", "classifier")
     if t is LipschitzMLP:
         return sub("flatten", "layers", "classifier")
     if t is GroupSort:  # a permutation of each pair: 1-Lipschitz in L2 and exact in floating point

@@ -2,12 +2,16 @@
 build them like any other architecture.
 
 * ``gmcert_cnn`` / ``gmcert_cnn_tiny``: small CNNs, bases for smoothing (``gmcert train``);
-* ``gmcert_lipmlp``: a 1-Lipschitz MLP on 8x8 images (orthogonal linear layers, GroupSort), whose
-  closed-form certificates are sound and useful from one pass (``gmcert train --student lipschitz``).
+* ``gmcert_lipmlp``: a 1-Lipschitz MLP (orthogonal linear layers, GroupSort), whose closed-form
+  certificates are sound and useful from one pass (``gmcert train --student lipschitz``);
+* ``gmcert_lenet``: LeNet-5, the base of the published Fashion-MNIST rows (``gmcert train --arch lenet``).
+
+Their cards say ``native_size = true``: ``gmcert train`` builds them at the data's own size
+(``img_size``), so nothing is resized.
 
 They exist for what a 2-core CPU can train in minutes: noise-robust bases on 8 to 32 px images
 (``gmcert train``) and tests. Every layer is one that :mod:`gmcert.encoders.lipschitz` and
-:mod:`gmcert.encoders.rounding` bound soundly (3x3 convs, BatchNorm, ReLU, global average pool,
+:mod:`gmcert.encoders.rounding` bound soundly (convs, BatchNorm, ReLU, max and global average pools,
 linear), so closed-form certificates cover them too. They follow timm's model API
 (``num_features``, ``forward_features``, ``forward_head``, ``get_classifier``, ``reset_classifier``).
 """
@@ -131,7 +135,40 @@ class LipschitzMLP(TimmModel):
 
 
 @register_model
-def gmcert_lipmlp(pretrained=False, in_chans=1, num_classes=1000, **_timm_kwargs):
-    """1x8x8 -> 256 -> 256 -> 256 -> 64 latents, 1-Lipschitz when trained by `gmcert train --student lipschitz`."""
-    return built(LipschitzMLP(in_chans=in_chans, num_classes=num_classes), "gmcert_lipmlp", pretrained, in_chans, 1.0,
-                 "train it with `gmcert train --student lipschitz`")
+def gmcert_lipmlp(pretrained=False, in_chans=1, num_classes=1000, img_size=(8, 8), **_timm_kwargs):
+    """1xHxW (default 8x8) -> 256 -> 256 -> 256 -> 64 latents, 1-Lipschitz when trained by
+    `gmcert train --student lipschitz`."""
+    model = LipschitzMLP(in_chans=in_chans, num_classes=num_classes, in_pixels=int(img_size[0]) * int(img_size[1]))
+    return built(model, "gmcert_lipmlp", pretrained, in_chans, 1.0, "train it with `gmcert train --student lipschitz`")
+
+
+class LeNet(TimmModel):
+    """LeNet-5 as in the published Fashion-MNIST smoothing rows (Cohen et al.'s CERTIFY, CAT-RS):
+    conv(6, 5x5) - ReLU - max-pool 2 - conv(16, 5x5) - ReLU - max-pool 2 - fc 120 - ReLU - fc 84 -
+    ReLU; the latents are those 84 features, the classifier a linear layer on them. About 0.3 M
+    multiply-adds on a 28x28 image. No padding, so the input must be at least 16 px a side."""
+
+    def __init__(self, in_chans=1, num_classes=1000, img_size=(28, 28)):
+        super().__init__()
+        h, w = (int(v) for v in img_size)
+        if min(h, w) < 16:
+            from gmcert.errors import DataError
+
+            raise DataError(f"LeNet needs images of at least 16x16 px, got {h}x{w} (its card resizes smaller ones)")
+        self.features = nn.Sequential(nn.Conv2d(in_chans, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2))
+        self.flatten = nn.Flatten()
+        side = lambda n: ((n - 4) // 2 - 4) // 2  # noqa: E731  (two valid 5x5 convs, two 2x2 pools)
+        self.fc = nn.Sequential(nn.Linear(16 * side(h) * side(w), 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU())
+        self.num_features, self.num_classes = 84, int(num_classes)
+        self.classifier = nn.Linear(84, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x):
+        return self.fc(self.flatten(self.features(x)))
+
+
+@register_model
+def gmcert_lenet(pretrained=False, in_chans=1, num_classes=1000, img_size=(28, 28), **_timm_kwargs):
+    """LeNet-5 (6-16 conv channels, 120-84 fully connected), 84 latents; about 44k parameters at 28 px."""
+    return built(LeNet(in_chans, num_classes, img_size), "gmcert_lenet", pretrained, in_chans, 0.5,
+                 "train it with `gmcert train --arch lenet`")

@@ -6,6 +6,8 @@ import sys
 
 import numpy as np
 
+from gmcert.cli.common import DATA_HELP, DATA_ROOT_HELP
+from gmcert.errors import DataError
 from gmcert.inputs import load_inputs
 
 RADII = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
@@ -15,15 +17,19 @@ def add_train_args(sub, default_out: str):
     train = sub.add_parser("train", help="train a noise-robust base (Gaussian, consistency, CRT) and fit its head",
                            description="Train an encoder under Gaussian noise, refit the Gaussian-mixture head on noisy "
                                        "latents, and write a gmcert model directory (certify/compare/diagnose read it).")
-    train.add_argument("--data", default="digits", help="digits | cifar10[:train|:test] | ImageFolder dir | .npz")
+    train.add_argument("--data", default="digits", help=DATA_HELP)
+    train.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)
     train.add_argument("--student", choices=["standard", "lipschitz"], default="standard",
                        help="lipschitz: a 1-Lipschitz network (orthogonal layers) trained by the margin method, "
                             "whose closed-form certificates are sound and useful from one pass")
     train.add_argument("--encoder", default=None,
                        help="card name (default gmcert_cnn, a small CNN for small images; gmcert_lipnet for "
                             "--student lipschitz; efficientnet_lite0, ...), .toml path or timm:<model>")
+    train.add_argument("--arch", default=None, help="the base architecture, an alias of --encoder: lenet (LeNet-5, "
+                                                    "the published Fashion-MNIST rows' base), gmcert_cnn, ...")
     train.add_argument("--input-size", type=int, default=None,
-                       help="pixels the encoder works at (default: the card's, at most 4x the data's image size)")
+                       help="pixels the encoder works at (default: the data's own size for gmcert's networks; "
+                            "a pretrained card's size, at most 4x the data's; any resize is printed with its norm)")
     train.add_argument("--sigma", type=float, default=0.25, help="Gaussian noise to train (and certify) with")
     train.add_argument("--method", choices=["gaussian", "consistency", "crt", "margin"], default=None,
                        help="default gaussian (margin for --student lipschitz)")
@@ -52,9 +58,14 @@ def add_train_args(sub, default_out: str):
 
 
 def cmd_train(args) -> int:
+    from gmcert.encoders.resizing import describe_resize
     from gmcert.train import TrainConfig, train_model
 
     lipschitz = args.student == "lipschitz"
+    if args.arch is not None:
+        if args.encoder is not None and args.encoder != args.arch:
+            raise DataError(f"--arch {args.arch} and --encoder {args.encoder} name two bases; give one")
+        args.encoder = args.arch
     args.method = args.method or ("margin" if lipschitz else "gaussian")
     args.encoder = args.encoder or ("gmcert_lipnet" if lipschitz else "gmcert_cnn")
     args.epochs = args.epochs or (100 if lipschitz else 30)
@@ -69,30 +80,43 @@ def cmd_train(args) -> int:
     pipeline, record = train_model(args.out, data=args.data, encoder=args.encoder, input_size=args.input_size,
                                    config=config, teacher=args.teacher, pretrained=False if args.no_pretrained else None,
                                    n_components=args.dim, test_size=args.test_size, device=args.device,
-                                   limit=args.limit)
+                                   limit=args.limit, data_root=args.data_root)
     if pipeline is None:  # a rank other than 0 of a torchrun job: rank 0 reports
         return 0
-    last, network, head = record["history"][-1], record["network"], record.get("head") or {}
+    last, network, head = record["history"][-1], record["network"], record["head"]
     compute = record["compute"]
     print(f"saved model to {args.out} ({pipeline.encoder.card.name}, input size "
           f"{pipeline.encoder.card.input_size[1]} px, {pipeline.n_components}-dim Gaussian-mixture head)")
-    print(f"training: {record['epochs_done']} epochs, {compute['seconds']:.1f} s "
+    print(describe_resize(record["resize"], pipeline.input_shape_[1:]))
+    print(f"training: {record['epochs_done']} epochs on {record['train_rows']} rows, {compute['seconds']:.1f} s "
           f"({compute['seconds'] / record['epochs_done']:.2f} s/epoch), final loss {last['loss']:.4f}")
+    if network is None:
+        print("no held-out split (--test-size 0): every row trained; measure the model with "
+              "`gmcert certify --data` on other data")
+        if lipschitz:
+            L, kind = pipeline.input_lipschitz()
+            print(f"input Lipschitz constant: {L:.9g} ({kind}, from the stored weights)")
+        return 0
     print(f"held-out accuracy, network:          clean {network['clean_accuracy']:.4f}   "
           f"under noise sigma={args.sigma}: {network['noisy_accuracy']:.4f}")
     if head:
         print(f"held-out accuracy, Gaussian mixture: clean {head['clean_accuracy']:.4f}   "
               f"under noise sigma={args.sigma}: {head['noisy_accuracy']:.4f}")
     if lipschitz:
-        from gmcert.report import certificate_row, summarize
-
-        L, kind = pipeline.input_lipschitz()
-        test = np.asarray(pipeline.metadata["test_index"])
-        held = load_inputs({"data": pipeline.metadata["data"]}, pipeline.metadata["channels"]).subset(test)
-        certs = pipeline.certify(held.x)
-        summary = summarize([certificate_row(i, y, c) for i, y, c in zip(test, held.labels, certs)], RADII)
-        print(f"input Lipschitz constant: {L:.9g} ({kind}, from the stored weights)")
-        print("held-out certified accuracy of the closed form (one pass, sound): " + ", ".join(
-            f"r={r:g}: {a:.3f}" for r, a in zip(RADII, summary["certified_accuracy"])))
+        _print_lipschitz_certificates(pipeline)
     print(f"next: gmcert compare --model {args.out} --sigma {args.sigma}")
     return 0
+
+
+def _print_lipschitz_certificates(pipeline):
+    """The closed form's one-pass, sound certified accuracy on the held-out split."""
+    from gmcert.report import certificate_row, summarize
+
+    L, kind = pipeline.input_lipschitz()
+    test = np.asarray(pipeline.metadata["test_index"], dtype=np.int64)
+    held = load_inputs({"data": pipeline.metadata["data"]}, pipeline.metadata["channels"]).subset(test)
+    certs = pipeline.certify(held.x)
+    summary = summarize([certificate_row(i, y, c) for i, y, c in zip(test, held.labels, certs)], RADII)
+    print(f"input Lipschitz constant: {L:.9g} ({kind}, from the stored weights)")
+    print("held-out certified accuracy of the closed form (one pass, sound): " + ", ".join(
+        f"r={r:g}: {a:.3f}" for r, a in zip(RADII, summary["certified_accuracy"])))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -53,9 +54,10 @@ def build_student(encoder: str, n_classes: int, input_size=None, pretrained=None
 
     card = load_card(encoder)
     if input_size is not None:
-        if int(input_size) < 1:
+        hw = (int(input_size),) * 2 if np.ndim(input_size) == 0 else tuple(int(v) for v in input_size)
+        if min(hw) < 1:
             raise DataError(f"--input-size must be a positive number of pixels, got {input_size}")
-        card = replace(card, input_size=(card.input_size[0], int(input_size), int(input_size)))
+        card = replace(card, input_size=(card.input_size[0], *hw))
     if pretrained is None:
         pretrained = card.weights.get("source") != "none"
     network, digest = _build(card, pretrained)
@@ -80,6 +82,17 @@ def build_student(encoder: str, n_classes: int, input_size=None, pretrained=None
     return student.to(device or _device())
 
 
+def student_input_size(card, image_hw) -> tuple:
+    """``(H, W)`` the student works at when no ``--input-size`` is given: the data's own size for a
+    ``native_size`` card (gmcert's networks) from its ``min_size`` up, the card's size below that;
+    for other cards their size, but at most 4x the data's (upsampling past 4x adds compute, not
+    information: 224 px on 8 px digits costs ~50x)."""
+    image_hw = tuple(int(v) for v in image_hw)
+    if card.native_size:
+        return image_hw if min(image_hw) >= card.min_size else tuple(card.input_size[1:])
+    return (min(card.input_size[1], 4 * max(image_hw)),) * 2
+
+
 def _content_digest(path):
     """The teacher's content (a model directory's files, or a weights file), so that a resume with a
     teacher overwritten at the same path is refused."""
@@ -99,10 +112,14 @@ def _device():
 
 def train_model(out, data: str = "digits", encoder: str | None = None, input_size=None,
                 config: TrainConfig | None = None, teacher=None, pretrained=None, n_components: int = 64,
-                test_size: float = 0.25, device=None, progress: bool = True, stop_after=None, limit=None):
+                test_size: float = 0.25, device=None, progress: bool = True, stop_after=None, limit=None,
+                data_root=None):
     """Train a noise-robust base (or a Lipschitz student) on ``data``; write a gmcert model directory to ``out``.
 
     ``encoder`` defaults to ``gmcert_cnn`` (``gmcert_lipnet`` for ``config.student="lipschitz"``).
+    ``input_size`` (px, or ``(H, W)``) defaults to :func:`student_input_size`: gmcert's own networks
+    take the data's native size; another size is printed with its norm and recorded (``resize``).
+    ``data_root``: where the data's files are (Fashion-MNIST's IDX files; ``--data-root``).
 
     Returns ``(pipeline, record)``, or ``(None, record)`` when ``stop_after`` epochs ran before the
     end (the checkpoint in ``<out>.train/`` resumes the run) and on ranks other than 0 of a torchrun
@@ -118,17 +135,24 @@ def train_model(out, data: str = "digits", encoder: str | None = None, input_siz
     check_folder_target(staging, "--out", owner_file=CHECKPOINT)
     from gmcert.encoders.cards import load_card
 
+    from gmcert.data import resolve_split
+    from gmcert.encoders.resizing import describe_resize, resize_record
+
     channels = load_card(encoder).input_size[0]
     if Path(str(data)).exists():  # a file or folder: recorded absolute, so certify finds it from anywhere
         data = str(Path(str(data)).resolve())
-    inputs = load_inputs({"data": data}, channels=channels, limit=limit)
+    data = resolve_split(data, "train")  # recorded with its split: certify's held-out rows come from it
+    inputs = load_inputs({"data": data}, channels=channels, limit=limit, root=data_root)
     train, test = fit_split(inputs.labels, test_size, config.seed)
     classes, y_all = np.unique(inputs.labels, return_inverse=True)
     device = torch.device(device) if device is not None else _device()
-    if input_size is None:  # upsampling past 4x adds compute, not information (224 px on 8 px digits: ~50x)
-        input_size = min(load_card(encoder).input_size[1], 4 * max(inputs.x.shape[2:]))
+    if input_size is None:
+        input_size = student_input_size(load_card(encoder), inputs.x.shape[2:])
     student = build_student(encoder, len(classes), input_size, pretrained, device, seed=config.seed,
                             lipschitz=config.student == "lipschitz")
+    resize = resize_record(student.card, inputs.x.shape[2:])
+    if progress and resize is not None:
+        print(describe_resize(resize), file=sys.stderr)
     images, labels = torch.as_tensor(inputs.x, dtype=torch.float32), torch.as_tensor(y_all, dtype=torch.long)
     teacher_module = None
     if config.method == "crt":
@@ -167,6 +191,7 @@ def train_model(out, data: str = "digits", encoder: str | None = None, input_siz
         return None, record
     if not current_world().main:  # under torchrun, rank 0 alone fits the head and writes the model directory
         return None, record
+    record["resize"] = resize
     _finish(out, staging, student, inputs, classes, train, test, config, record, n_components, device)
     shutil.rmtree(staging, ignore_errors=True)
     from gmcert.pipeline import Pipeline
@@ -207,11 +232,13 @@ def _finish(out, staging, student, inputs, classes, train, test, config, record,
                                 for _ in range(config.head_copies)])
         pipeline.fit(noisy, np.tile(inputs.labels[train], config.head_copies))
     pipeline.input_shape_ = tuple(x.shape[1:])
-    held = np.asarray(inputs.x[test], dtype=np.float32)
-    record["network"] = dict(zip(("clean_accuracy", "noisy_accuracy"), evaluate(
-        student, torch.as_tensor(held), torch.as_tensor(np.searchsorted(classes, inputs.labels[test])), config.sigma,
-        seed=config.seed + 7)))
+    record["train_rows"], record["test_rows"] = int(len(train)), int(len(test))
+    record["network"] = record["head"] = None  # --test-size 0: no held-out split to measure them on
     if len(test):
+        held = np.asarray(inputs.x[test], dtype=np.float32)
+        record["network"] = dict(zip(("clean_accuracy", "noisy_accuracy"), evaluate(
+            student, torch.as_tensor(held), torch.as_tensor(np.searchsorted(classes, inputs.labels[test])),
+            config.sigma, seed=config.seed + 7)))
         noisy_held = held + np.random.default_rng(config.seed + 7).normal(0.0, config.sigma, held.shape).astype(np.float32)
         record["head"] = {"clean_accuracy": float(np.mean(pipeline.predict(held, arithmetic="fast") == inputs.labels[test])),
                           "noisy_accuracy": float(np.mean(pipeline.predict(noisy_held, arithmetic="fast") == inputs.labels[test]))}
@@ -222,7 +249,8 @@ def _finish(out, staging, student, inputs, classes, train, test, config, record,
                               ("encoder.toml", "encoder.safetensors", "train.json", "training_curves.png")}
     pipeline.metadata = {"data": str(inputs.source), "channels": int(inputs.x.shape[1]), "test_index": test.tolist(),
                          "seed": config.seed, "noise_sigma": config.sigma, "noise_copies": config.head_copies,
+                         "resize": record["resize"],
                          "train": {"config": config.as_dict(), "network": record["network"],
-                                   "head": record.get("head")}}
+                                   "head": record["head"]}}
     pipeline.save(out)
     return pipeline
