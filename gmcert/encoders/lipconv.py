@@ -119,6 +119,11 @@ class LipschitzConvNet(TimmModel):
         for _ in range(int(depth)):
             layers += [nn.Conv2d(c, c, **conv), GroupSort()]
         self.features = nn.Sequential(*layers)
+        for m in self.features:
+            if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1):  # an orthogonal 1x1 map: AOL is tight there
+                with torch.no_grad():
+                    m.weight.zero_()
+                    nn.init.orthogonal_(m.weight[:, :, 1, 1])
         self.pool, self.flatten = GlobalNormPool(), nn.Identity()
         self.latent = nn.Linear(c, int(latent_dim))
         self.num_features, self.num_classes = int(latent_dim), int(num_classes)
