@@ -15,6 +15,7 @@ _SLACK = 1.0 + 1e-8  # relative slack per layer against the float64 rounding of 
 
 def _matrix_norm(w) -> float:
     """Spectral norm of a float64 matrix from the eigenvalues of its smaller Gram matrix."""
+    w = w.contiguous()  # the same bits whatever the stored layout (a baked parametrisation's may be transposed)
     gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
     return math.sqrt(max(float(torch.linalg.eigvalsh(gram)[-1]), 0.0))
 
@@ -38,7 +39,7 @@ def conv_operator_norm(weight, in_hw, stride=(1, 1), padding=(0, 0), dilation=(1
     padding : (int, int)
         TOTAL zero padding along H and W (any split between the two sides gives the same bound).
     """
-    w = weight.detach().to(torch.float64).cpu()
+    w = weight.detach().to(torch.float64).cpu().contiguous()
     c_out, c_in_g, kh, kw = w.shape
     (sh, sw), (dh, dw) = stride, dilation
     if circular and (in_hw[0] % sh or in_hw[1] % sw or padding[0] > dh * (kh - 1) or padding[1] > dw * (kw - 1)):
