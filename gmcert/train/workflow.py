@@ -60,18 +60,21 @@ def build_student(encoder: str, n_classes: int, input_size=None, pretrained=None
         pretrained = card.weights.get("source") != "none"
     network, digest = _build(card, pretrained)
     if lipschitz and not hasattr(network, "lipschitz_layers"):
-        raise DataError(f"--student lipschitz needs a Lipschitz architecture (the gmcert_lipnet card); "
-                        f"{card.name} ({card.architecture}) is not one")
+        raise DataError("--student lipschitz needs a Lipschitz architecture (the gmcert_lipnet or gmcert_lipconv "
+                        f"cards); {card.name} ({card.architecture}) is not one")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         network.reset_classifier(n_classes)
-        if lipschitz:
+        if lipschitz and hasattr(network, "constrain"):  # a conv student: its own parametrisations
+            network.constrain()
+        elif lipschitz:
             from torch.nn.utils.parametrizations import orthogonal
 
             for layer in network.lipschitz_layers():
                 # Cayley: measured here, torch's default Householder map for non-square weights
                 # collapsed to 0 under AdamW within 20 steps; matrix_exp is 7x slower
                 orthogonal(layer, orthogonal_map="cayley")
+        if lipschitz:
             centers = torch.nn.Parameter(torch.randn(n_classes, network.num_features))
     card = replace(card, num_classes=int(n_classes), name=f"{card.name.replace(':', '-')}-trained")
     student = Encoder(network, card, digest, n_classes)
@@ -102,7 +105,8 @@ def train_model(out, data: str = "digits", encoder: str | None = None, input_siz
                 test_size: float = 0.25, device=None, progress: bool = True, stop_after=None, limit=None):
     """Train a noise-robust base (or a Lipschitz student) on ``data``; write a gmcert model directory to ``out``.
 
-    ``encoder`` defaults to ``gmcert_cnn`` (``gmcert_lipnet`` for ``config.student="lipschitz"``).
+    ``encoder`` defaults to ``gmcert_cnn``; for ``config.student="lipschitz"``, to ``gmcert_lipnet`` on
+    images of at most 8x8 pixels and to the convolutional ``gmcert_lipconv`` at the data's own size above.
 
     Returns ``(pipeline, record)``, or ``(None, record)`` when ``stop_after`` epochs ran before the
     end (the checkpoint in ``<out>.train/`` resumes the run) and on ranks other than 0 of a torchrun
@@ -111,24 +115,28 @@ def train_model(out, data: str = "digits", encoder: str | None = None, input_siz
     from gmcert.inputs import fit_split, load_inputs
 
     config = config or TrainConfig()
-    encoder = encoder or ("gmcert_lipnet" if config.student == "lipschitz" else "gmcert_cnn")
+    lipschitz = config.student == "lipschitz"
     out = Path(out)
     staging = Path(f"{out}.train")
     check_folder_target(out, "--out", owner_file="pipeline.json")
     check_folder_target(staging, "--out", owner_file=CHECKPOINT)
     from gmcert.encoders.cards import load_card
 
-    channels = load_card(encoder).input_size[0]
+    channels = load_card(encoder or ("gmcert_lipnet" if lipschitz else "gmcert_cnn")).input_size[0]
     if Path(str(data)).exists():  # a file or folder: recorded absolute, so certify finds it from anywhere
         data = str(Path(str(data)).resolve())
     inputs = load_inputs({"data": data}, channels=channels, limit=limit)
+    if encoder is None:  # a Lipschitz student: the MLP on 8x8 images, the conv student above (both 1 channel)
+        encoder = ("gmcert_lipconv" if max(inputs.x.shape[2:]) > 8 else "gmcert_lipnet") if lipschitz else "gmcert_cnn"
     train, test = fit_split(inputs.labels, test_size, config.seed)
     classes, y_all = np.unique(inputs.labels, return_inverse=True)
     device = torch.device(device) if device is not None else _device()
-    if input_size is None:  # upsampling past 4x adds compute, not information (224 px on 8 px digits: ~50x)
+    if input_size is None and lipschitz and load_card(encoder).architecture.startswith("gmcert_lipconv"):
+        input_size = max(inputs.x.shape[2:])  # any size runs: no resize, whose norm would enter L
+    elif input_size is None:  # upsampling past 4x adds compute, not information (224 px on 8 px digits: ~50x)
         input_size = min(load_card(encoder).input_size[1], 4 * max(inputs.x.shape[2:]))
     student = build_student(encoder, len(classes), input_size, pretrained, device, seed=config.seed,
-                            lipschitz=config.student == "lipschitz")
+                            lipschitz=lipschitz)
     images, labels = torch.as_tensor(inputs.x, dtype=torch.float32), torch.as_tensor(y_all, dtype=torch.long)
     teacher_module = None
     if config.method == "crt":
