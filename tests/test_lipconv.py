@@ -260,13 +260,13 @@ def test_train_picks_the_conv_student_above_8x8_and_certifies_from_its_stored_we
     x = torch.as_tensor(digits.images[:300, None] / 16.0, dtype=torch.float32)
     x = torch.nn.functional.interpolate(x, size=(12, 12), mode="bilinear", align_corners=False).clamp(0, 1)
     np.savez(tmp_path / "digits12.npz", x=x.numpy(), y=digits.target[:300])
-    config = TrainConfig(method="margin", student="lipschitz", epochs=2, seed=0)
+    config = TrainConfig(method="margin", student="lipschitz", epochs=6, seed=0)
     pipeline, record = train_model(tmp_path / "model", data=str(tmp_path / "digits12.npz"), config=config,
                                    device="cpu", progress=False)
     card = pipeline.encoder.card
     assert card.architecture == "gmcert_lipconv_small" and tuple(card.input_size) == (1, 12, 12)
     L, kind = pipeline.input_lipschitz()
     assert kind == "bound" and 0.5 < L <= 1.0 + 1e-4  # orthogonal layers, bounded from the stored weights
-    assert record["network"]["clean_accuracy"] > 0.3  # two epochs on 225 images: learning, not chance (0.1)
+    assert record["network"]["clean_accuracy"] > 0.6  # six epochs on 225 images: learning, not chance (0.1)
     certs = pipeline.certify(x[:20].numpy())
     assert all(c.radius >= 0 for c in certs) and any(c.radius > 0 for c in certs)
