@@ -24,7 +24,9 @@ componentwise from the standard model |fl(a op b) - a op b| <= u |a op b| (u the
   rounded once, within gamma_8 of exact): gamma_{k+12} (|W s||x| + |b s| + |mu s| + |beta|);
 * BatchNorm alone, in whatever order torch evaluates it: gamma_16 (|x||s| + |mu s| + |beta|);
   normalisation (x - m) / s: gamma_2 (|x| + |m|) / s; the projection (x - m) W^T: gamma_{k+2} |W|(|x| + |m|);
-* average pools over N values: gamma_{N+2} avg(|x|); max-pool, ReLU, ReLU6, clamps, flatten: exact;
+* average pools over N values: gamma_{N+2} avg(|x|); max-pool, ReLU, ReLU6, clamps, flatten, MaxMin,
+  pixel-(un)shuffle, zero padding: exact; L2-norm pooling over N positions (sqrt of a sum of
+  squares, |y^ - y| <= gamma_{N+1} y): gamma_{2N+4} |y^|, and sqrt((N + 4) tiny) for squares that underflow;
   sigmoid, tanh, softplus, SiLU (libm): 64 u |y|, i.e. 32 ulps where PyTorch's kernels are within a
   few; GELU, hardswish, hardsigmoid, ELU (cancellation in 1 + erf and the like): 64 u (|y| + |x| + 1);
 * resize: f uses the exact interpolation weights w (:func:`exact_interpolation_weights`, torch's
