@@ -183,7 +183,7 @@ def test_pgd_finds_no_flip_inside_the_certified_radius():
     with torch.no_grad():
         module[1].weight.copy_(head)
     assert not attack(module, x, pred, radius * 0.999, steps=60, starts=4).any()
-    assert attack(module, x, pred, radius * 8, steps=60, starts=4).mean() > 0.5  # the attack has teeth
+    assert attack(module, x, pred, radius * 5, steps=60, starts=4).mean() > 0.5  # measured: all flip at 5x, none at 3x
 
 
 def test_float32_pass_stays_within_its_rounding_bound():
