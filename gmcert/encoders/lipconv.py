@@ -6,9 +6,9 @@ The network, on any input size and 1 or 3 channels (``in_chans``)::
     stem conv 3x3 -> MaxMin -> [ (conv 3x3 -> MaxMin) x depth -> pad to even -> pixel-unshuffle
     -> 1x1 conv (4c -> 2c) ] x stages -> global L2-norm pool -> linear (8c -> latent_dim)
 
-Every module is a plain one whose stored weights :mod:`gmcert.encoders.lipschitz` bounds exactly:
-``nn.Conv2d`` (zero or circular padding, any stride and group count: DFT norms), ``nn.Linear``
-(SVD), MaxMin (:class:`gmcert.encoders.small.GroupSort`, a permutation of each channel pair: 1),
+Every module is a plain one that :mod:`gmcert.encoders.lipschitz` bounds from its stored weights:
+``nn.Conv2d`` (any stride and group count; circular padding: the exact DFT norm; zero padding: the
+DFT norm on the padded grid, an upper bound), ``nn.Linear`` (exact SVD), MaxMin (:class:`gmcert.encoders.small.GroupSort`, a permutation of each channel pair: 1),
 zero padding to an even size (an isometric embedding: 1), ``nn.PixelUnshuffle`` (a permutation: 1)
 and :class:`GlobalNormPool` (per channel ``||x_c||_2``; 1 by the reverse triangle inequality).
 None of them rescales or orthogonalises a weight in its forward pass: what a card stores is what
@@ -29,7 +29,7 @@ PyTorch parametrisations that keep each layer's norm at most 1; ``gmcert.train``
 * 1x1 convs: the Q factor of a QR decomposition (:class:`Orthonormal`), orthonormal rows, norm 1;
 * the final linear map: ``torch.nn.utils.parametrizations.orthogonal`` (Cayley), as for the MLP student.
 
-The certificate never trusts either: it bounds the materialised weights.
+The certificate trusts none of them: it bounds the materialised weights.
 """
 from __future__ import annotations
 
@@ -82,21 +82,28 @@ class BlockOrthogonal(nn.Module):
     ``U U^T`` of rank c/2. Each two-tap conv's symbol ``P + (I - P) e^{-i w}`` is unitary at every
     frequency, so the circular conv is orthogonal at every input size and a zero-padded one (its
     restriction) has norm at most 1. ``c = max(c_in, c_out)``; the kernel is the ``c_out x c_in``
-    corner (a selection and an embedding: norm at most 1). Its own parameters define the kernel;
-    the wrapped conv's original weight is ignored."""
+    corner (a selection and an embedding: norm at most 1).
+
+    The parametrised tensor is the packed matrix and projector factors (``unsafe``: its shape is not
+    the kernel's), so every trained parameter reaches the kernel (DistributedDataParallel needs that).
+    """
 
     def __init__(self, c_out, c_in, k):
         super().__init__()
-        c = max(c_out, c_in)
-        self.shape = (c_out, c_in, k)
-        self.matrix = nn.Parameter(torch.linalg.qr(torch.randn(c, c))[0])
-        self.projectors = nn.Parameter(torch.randn(2 * (k - 1), c, max(c // 2, 1)) / c ** 0.5)
+        self.shape, self.c = (c_out, c_in, k), max(c_out, c_in)
 
-    def forward(self, _weight):
-        c_out, c_in, k = self.shape
-        kernel = _orthonormal(self.matrix)[:, :, None, None]
-        eye = torch.eye(len(kernel), dtype=kernel.dtype, device=kernel.device)
-        for i, u in enumerate(self.projectors):
+    def right_inverse(self, weight):
+        """A random orthogonal start (drawn from torch's generator), whatever ``weight`` held."""
+        c, k = self.c, self.shape[2]
+        matrix = torch.linalg.qr(torch.randn(c, c, dtype=torch.float64))[0]
+        factors = torch.randn(2 * (k - 1) * c * max(c // 2, 1), dtype=torch.float64) / c ** 0.5
+        return torch.cat((matrix.flatten(), factors)).to(weight)
+
+    def forward(self, packed):
+        (c_out, c_in, k), c = self.shape, self.c
+        kernel = _orthonormal(packed[:c * c].view(c, c))[:, :, None, None]
+        eye = torch.eye(c, dtype=kernel.dtype, device=kernel.device)
+        for i, u in enumerate(packed[c * c:].view(2 * (k - 1), c, max(c // 2, 1))):
             q = _orthonormal(u)
             p = q @ q.T
             taps = torch.stack((p, eye - p), -1)[:, :, :, None]  # (c, c, 2, 1): along H
@@ -175,7 +182,8 @@ class LipschitzConvNet(TimmModel):
                 parametrize.register_parametrization(layer, "weight", Orthonormal())
             else:
                 parametrize.register_parametrization(
-                    layer, "weight", BlockOrthogonal(layer.out_channels, layer.in_channels, layer.kernel_size[0]))
+                    layer, "weight", BlockOrthogonal(layer.out_channels, layer.in_channels, layer.kernel_size[0]),
+                    unsafe=True)
         return self
 
 
@@ -190,11 +198,11 @@ def _create(name, pretrained=False, in_chans=1, num_classes=1000, width=None, de
 
 @register_model
 def gmcert_lipconv_small(pretrained=False, **kwargs):
-    """16-32-64-128 channels, 2 convs per stage, 64 latents: about 0.2M parameters."""
+    """16-32-64-128 channels, 2 convs per stage, 64 latents: 0.44M stored weights (0.18M trained factors)."""
     return _create("gmcert_lipconv_small", pretrained, **kwargs)
 
 
 @register_model
 def gmcert_lipconv_medium(pretrained=False, **kwargs):
-    """32-64-128-256 channels, 3 convs per stage, 64 latents: about 1.4M parameters."""
+    """32-64-128-256 channels, 3 convs per stage, 64 latents: 2.5M stored weights (0.98M trained factors)."""
     return _create("gmcert_lipconv_medium", pretrained, **kwargs)
