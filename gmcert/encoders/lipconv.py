@@ -8,7 +8,8 @@ The network, on any input size and 1 or 3 channels (``in_chans``)::
 
 Every module is a plain one that :mod:`gmcert.encoders.lipschitz` bounds from its stored weights:
 ``nn.Conv2d`` (any stride and group count; circular padding: the exact DFT norm; zero padding: the
-DFT norm on the padded grid, an upper bound), ``nn.Linear`` (exact SVD), MaxMin (:class:`gmcert.encoders.small.GroupSort`, a permutation of each channel pair: 1),
+DFT norm on the padded grid, an upper bound), ``nn.Linear`` (exact SVD), MaxMin
+(:class:`gmcert.encoders.small.GroupSort`, a permutation of each channel pair: 1),
 zero padding to an even size (an isometric embedding: 1), ``nn.PixelUnshuffle`` (a permutation: 1)
 and :class:`GlobalNormPool` (per channel ``||x_c||_2``; 1 by the reverse triangle inequality).
 None of them rescales or orthogonalises a weight in its forward pass: what a card stores is what

@@ -299,8 +299,8 @@ def linear_lipschitz(module, input_shape) -> tuple:
         stack.extend(op.body)
         flat.append(op)
     for op in flat:
-        nonlinear = op.kind in ("act", "maxpool", "normpool") or (op.kind == "resize" and op.module.interpolation == "bicubic"
-                                                     and tuple(op.in_shape[1:]) != op.module.size)
+        nonlinear = op.kind in ("act", "maxpool", "normpool") or (
+            op.kind == "resize" and op.module.interpolation == "bicubic" and tuple(op.in_shape[1:]) != op.module.size)
         if nonlinear or op.kind == "residual":
             raise DataError(f"the exact kind needs a linear encoder; {op.name} is not linear (use bound)")
     dim = int(np.prod(input_shape))

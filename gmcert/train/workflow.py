@@ -45,9 +45,10 @@ def build_student(encoder: str, n_classes: int, input_size=None, pretrained=None
     ``lipschitz``: the network's linear layers are kept orthogonal while training (PyTorch's own
     ``parametrizations.orthogonal``: exact orthogonality up to rounding, no extra dependency; the
     Lipschitz-layer libraries deel-torchlip and orthogonium would add one for layers this MLP does
-    not need, and the certificate never trusts any of them: it bounds the stored weights by SVD)
-    and the student gets class centres
-    in latent space (``centers``), what the margin objective and its predictions use.
+    not need, and the certificate never trusts any of them: it bounds the stored weights by SVD);
+    a network with ``constrain()`` (the conv students, :mod:`gmcert.encoders.lipconv`) registers its
+    own parametrisations instead. The student gets class centres in latent space (``centers``), what
+    the margin objective and its predictions use.
     """
     from gmcert.encoders.cards import Encoder, _build, load_card
 
