@@ -57,10 +57,12 @@ class GlobalNormPool(nn.Module):
     """``(N, C, H, W) -> (N, C)``: each channel's L2 norm over the positions. 1-Lipschitz in L2, since
     ``| ||a_c|| - ||b_c|| | <= ||a_c - b_c||`` per channel, and gradient-norm preserving, unlike an
     average (norm 1/sqrt(HW) on the mean direction, 0 on the rest). Computed as the square root of a
-    sum of squares, the order :mod:`gmcert.encoders.rounding` bounds."""
+    sum of squares, the order :mod:`gmcert.encoders.rounding` bounds; floored at 1e-15 (the sum at
+    1e-30) so that the gradient of an all-zero channel is 0, not NaN: ``max(||x_c||, 1e-15)`` is still
+    1-Lipschitz, and the floor (a clamp) is exact in floating point."""
 
     def forward(self, x):
-        return x.square().sum((2, 3)).sqrt()
+        return x.square().sum((2, 3)).clamp_min(1e-30).sqrt()
 
 
 def _orthonormal(a):
