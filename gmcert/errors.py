@@ -25,3 +25,7 @@ class WeightsUnavailableError(GmcertError, RuntimeError):
 class OutputPathError(GmcertError, ValueError):
     """An output path that cannot take what a command writes: a folder where a file goes (or the
     reverse), a parent that is a file, or a folder of someone else's that would be replaced."""
+
+
+class LipschitzUnsupportedError(GmcertError, TypeError):
+    """No sound bound is known for a module type (use the ``estimate`` kind)."""

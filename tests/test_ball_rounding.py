@@ -33,7 +33,12 @@ def _isometry():
     return torch.nn.Sequential(*layers).eval()
 
 
-CASES = [("isometry", _isometry, (1, 8, 8)), ("small_cnn", _small_cnn, (3, 20, 20)), ("lipnet", _lipnet, (1, 8, 8)), ("lite0", _lite0, (3, 12, 12))]
+def _lipconv():
+    torch.manual_seed(0)
+    return load_encoder("gmcert_lipconv", pretrained=False)  # BCOP convs, MaxMin, unshuffle, norm pooling
+
+
+CASES = [("isometry", _isometry, (1, 8, 8)), ("lipconv", _lipconv, (1, 12, 12)), ("small_cnn", _small_cnn, (3, 20, 20)), ("lipnet", _lipnet, (1, 8, 8)), ("lite0", _lite0, (3, 12, 12))]
 
 
 @pytest.mark.parametrize("name, make, shape", CASES, ids=[c[0] for c in CASES])

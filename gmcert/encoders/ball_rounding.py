@@ -20,7 +20,8 @@ column sums, read off M applied to ones and its transpose by autograd: no power 
 BatchNorm and normalisation: the largest per-channel coefficient; a global average over N
 values: its coefficient over sqrt(N). An activation bounded by ``c_out |y| + c_in |x| + c``
 changes by at most ``c_out rho_i + c_in rho_{i-1}``; solving for ``rho_i`` gives its ``a_i`` and
-``S_i``. Residual blocks add their two branches as the pass does. Every quantity is affine in r,
+``S_i`` (norm pooling's ``c |y|`` is the case c_in = 0). Steps that round nothing (flatten, padding,
+pixel-unshuffle, max-pool, MaxMin) have no local term: a = 1, S = 0. Residual blocks add their two branches as the pass does. Every quantity is affine in r,
 carried as (per-input constant, rate); all are nonnegative and inflated like the pass's own terms.
 """
 from __future__ import annotations
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 
 _INFLATE = 1.0 + 1e-6
+#: the step kinds whose local rounding term _slope bounds; any other with one is refused
+_ROUNDING_KINDS = ("conv", "linear", "bn", "normalize", "act", "normpool", "global_avg", "avgpool", "resize")
 
 
 def positive_map_norm(fn, in_shape, device="cpu") -> float:
@@ -64,6 +67,9 @@ def _slope(step):
         if c_out > 0:
             a = (1 + c_out) / (1 - c_out)
             S = (c_out * step.L + c_in) / (1 - c_out)
+    elif kind == "normpool":  # delta = c |y|: an activation with c_out = c, c_in = 0
+        c = step.coef
+        a, S = (1 + c) / (1 - c), c * step.L / (1 - c)
     elif kind == "global_avg":
         S = step.coef / math.sqrt(shape[1] * shape[2])
     elif kind == "avgpool":
@@ -93,13 +99,16 @@ def run_ball(steps, x, e, ball):
             x = out
             continue
         x, e = step(x, e)
+        if step.last_delta is not None and step.kind not in _ROUNDING_KINDS:
+            from gmcert.errors import LipschitzUnsupportedError
+
+            raise LipschitzUnsupportedError(f"{step.op.name}: no ball bound for a {step.kind!r} step's rounding")
         a, S = _slope(step)
         delta = step.last_delta if step.last_delta is not None else torch.zeros_like(e)
         delta_c, delta_r = a * delta + S * rc, S * rr
         ball = ((step.L * Ec + delta_c) * _INFLATE, (step.L * Er + delta_r) * _INFLATE,
                 (step.L * rc + delta + delta_c) * _INFLATE, (step.L * rr + delta_r) * _INFLATE)
     return x, e, ball
-
 
 
 def pass_with_ball(bound, X, batch_size=64):

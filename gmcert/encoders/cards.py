@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from gmcert.data import INTERPOLATIONS, Resize
-from gmcert.encoders import cdeq, deq, small  # noqa: F401  (register gmcert's own architectures with timm)
+from gmcert.encoders import cdeq, deq, lipconv, small  # noqa: F401  (register gmcert's own architectures with timm)
 from gmcert.encoders.state_dicts import _read_state_dict, check_state_dict, map_ordered  # noqa: F401  (re-exported)
 from gmcert.errors import DataError, GmcertError, ModelFileError, WeightsUnavailableError
 

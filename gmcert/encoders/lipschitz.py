@@ -12,6 +12,10 @@
                norm is at most that of the strided circular convolution, which is exactly
                ``max_xi sigma_max([K(xi + j m)]_j) / sqrt(s_h s_w)`` (Sedghi et al. 2019, with the
                s_h*s_w stride aliases ``j`` of each output frequency ``xi`` stacked side by side);
+               circular padding: the same spectrum on the input's own grid, exact
+               (:mod:`gmcert.encoders.convnorm`);
+             * pixel-(un)shuffle, zero padding, MaxMin / GroupSort: 1 (permutations and isometric
+               embeddings); global L2-norm pooling per channel: 1;
              * BatchNorm alone / input normalisation: max |scale|; ReLU, ReLU6, clamp, max-pool
                over one window: 1; residual block: 1 + L(body); global average pool over N
                positions: 1/sqrt(N); max-pool with overlapping windows: sqrt(windows per pixel);
@@ -31,22 +35,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from gmcert.encoders.clever import clever_estimate, jacobian_norms  # noqa: F401  (re-exported: the estimate kind)
 from gmcert.data import Resize
-from gmcert.errors import DataError, GmcertError
+from gmcert.encoders.convnorm import _SLACK, _matrix_norm, conv_operator_norm  # noqa: F401  (re-exported)
+from gmcert.errors import DataError, LipschitzUnsupportedError  # noqa: F401  (re-exported)
 
 KINDS = ("exact", "bound", "estimate")
-_SLACK = 1.0 + 1e-8
 _EXACT_MAX_INPUT_DIM = 16384
 _ACTIVATIONS = {nn.ReLU: 1.0, nn.ReLU6: 1.0, nn.Hardtanh: 1.0, nn.Tanh: 1.0, nn.Softplus: 1.0, nn.Sigmoid: 0.25,
                 nn.SiLU: 1.1, nn.GELU: 1.13, nn.Hardswish: 1.5, nn.Hardsigmoid: 1.0 / 6.0, nn.ELU: None,
                 nn.LeakyReLU: None}
 _NO_OPS = (nn.Identity, nn.Dropout, nn.Dropout2d)
-
-
-class LipschitzUnsupportedError(GmcertError, TypeError):
-    """No sound bound is known for a module type (use the ``estimate`` kind)."""
 
 
 @dataclass
@@ -73,10 +74,13 @@ def _timm_types() -> dict:
 def _ops(m, name):
     """Flatten ``m`` into ops in forward order; exact type matches only (subclasses may differ)."""
     from gmcert.encoders.cards import Encoder
+    from gmcert.encoders.lipconv import GlobalNormPool, LipschitzConvNet, PadToEven
     from gmcert.encoders.projection import ProjectionLayer
     from gmcert.encoders.small import GroupSort, LeNet, LipschitzMLP, SmallCNN
 
     t, tt = type(m), _timm_types()
+    if parametrize.is_parametrized(m):  # a student while it trains: its weights as its forward applies them
+        t = t.__bases__[0]
 
     def sub(*names):
         return [o for n in names for o in _ops(getattr(m, n), f"{name}.{n}")]
@@ -94,8 +98,14 @@ def _ops(m, name):
         return sub("features", "flatten", "fc", "classifier")
     if t is LipschitzMLP:
         return sub("flatten", "layers", "classifier")
+    if t is LipschitzConvNet:
+        return sub("features", "pool", "flatten", "latent", "classifier")
     if t is GroupSort:  # a permutation of each pair: 1-Lipschitz in L2 and exact in floating point
         return [_Op("act", name, m, lip=1.0)]
+    if t in (nn.PixelUnshuffle, nn.PixelShuffle, nn.ZeroPad2d, PadToEven):  # permute, embed or crop: exact
+        return [_Op("isometry", name, m, lip=1.0)]
+    if t is GlobalNormPool:  # per channel | ||a|| - ||b|| | <= ||a - b||
+        return [_Op("normpool", name, m, lip=1.0)]
     if t is tt["EfficientNet"]:
         return sub("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool", "classifier")
     blocks = {tt["ConvBnAct"]: ("conv", "bn1", "aa"),
@@ -116,7 +126,7 @@ def _ops(m, name):
     if t is nn.AdaptiveAvgPool2d and m.output_size in (1, (1, 1)):
         return [_Op("global_avg", name, m)]
     if t in (nn.Conv2d, tt["Conv2dSame"]):
-        if m.padding_mode != "zeros":
+        if m.padding_mode not in ("zeros", "circular") or (m.padding_mode == "circular" and t is not nn.Conv2d):
             raise LipschitzUnsupportedError(f"no sound bound for {name}: padding_mode {m.padding_mode!r}")
         return [_Op("conv", name, m)]
     simple = {nn.BatchNorm2d: "bn", nn.BatchNorm1d: "bn", nn.Linear: "linear", ProjectionLayer: "linear",
@@ -172,52 +182,6 @@ def _conv_padding(conv, h, w):
     return 2 * conv.padding[0], 2 * conv.padding[1]
 
 
-def _matrix_norm(w) -> float:
-    """Spectral norm of a float64 matrix from the eigenvalues of its smaller Gram matrix."""
-    gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
-    return math.sqrt(max(float(torch.linalg.eigvalsh(gram)[-1]), 0.0))
-
-
-def conv_operator_norm(weight, in_hw, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1) -> float:
-    """Upper bound (exact for the strided circular convolution) on a zero-padded conv's L2 norm.
-
-    Parameters
-    ----------
-    weight : torch.Tensor
-        ``(c_out, c_in / groups, kh, kw)``.
-    in_hw : (int, int)
-        Input height and width.
-    padding : (int, int)
-        TOTAL zero padding along H and W (any split between the two sides gives the same bound).
-    """
-    w = weight.detach().to(torch.float64).cpu()
-    c_out, c_in_g, kh, kw = w.shape
-    (sh, sw), (dh, dw) = stride, dilation
-    if kh == kw == 1 and groups == 1:
-        return _matrix_norm(w[:, :, 0, 0]) * _SLACK
-    hp, wp = in_hw[0] + padding[0], in_hw[1] + padding[1]
-    nh = sh * math.ceil(max(hp, dh * (kh - 1) + 1) / sh)  # grid >= padded input, multiple of the stride
-    nw = sw * math.ceil(max(wp, dw * (kw - 1) + 1) / sw)
-    mh, mw = nh // sh, nw // sw
-    wg = w.reshape(groups, c_out // groups, c_in_g, kh, kw)
-    eh = torch.exp(-2j * math.pi * torch.outer(torch.arange(nh), torch.arange(kh) * dh).double() / nh)
-    ew = torch.exp(-2j * math.pi * torch.outer(torch.arange(nw), torch.arange(kw) * dw).double() / nw)
-    rows = torch.einsum("gocab,fa->fgocb", wg.to(torch.complex128), eh).reshape(sh, mh, groups, c_out // groups,
-                                                                               c_in_g, kw)
-    per_xi = sh * nw * groups * (c_out // groups) * c_in_g
-    chunk, best = max(1, (1 << 22) // per_xi), 0.0
-    for start in range(0, mh, chunk):
-        k = torch.einsum("jxgocb,fb->jxfgoc", rows[:, start:start + chunk], ew)
-        k = k.reshape(sh, k.shape[1], sw, mw, groups, c_out // groups, c_in_g)
-        blocks = k.permute(1, 3, 4, 5, 0, 2, 6).reshape(k.shape[1], mw, groups, c_out // groups, -1)
-        if blocks.shape[-2] == 1:  # a row vector (depthwise): its norm, without a batched SVD
-            top = blocks.abs().square().sum(-1).sqrt().max()
-        else:
-            top = torch.linalg.svdvals(blocks)[..., 0].max()
-        best = max(best, float(top))
-    return best / math.sqrt(sh * sw) * _SLACK
-
-
 def _interp_matrix_norm(n_in, n_out, mode, antialias):
     """Norm of the 1-D interpolation matrix (n_out, n_in). The other axis is a dummy of size 2 kept at
     scale 1 (size 1 takes a different code path in torch's anti-aliased kernels)."""
@@ -234,7 +198,8 @@ def _op_bound(op, nxt):
     if op.kind == "conv":
         w = m.weight.detach().double()
         w = w * _bn_scale(nxt.module).view(-1, 1, 1, 1) if fold else w
-        return conv_operator_norm(w, shape[1:], m.stride, _conv_padding(m, *shape[1:]), m.dilation, m.groups), fold
+        return conv_operator_norm(w, shape[1:], m.stride, _conv_padding(m, *shape[1:]), m.dilation, m.groups,
+                                  circular=m.padding_mode == "circular"), fold
     if op.kind == "linear":
         w = m.weight.detach().double()
         w = w * _bn_scale(nxt.module).view(-1, 1) if fold else w
@@ -336,8 +301,8 @@ def linear_lipschitz(module, input_shape) -> tuple:
         stack.extend(op.body)
         flat.append(op)
     for op in flat:
-        nonlinear = op.kind in ("act", "maxpool") or (op.kind == "resize" and op.module.interpolation == "bicubic"
-                                                     and tuple(op.in_shape[1:]) != op.module.size)
+        nonlinear = op.kind in ("act", "maxpool", "normpool") or (
+            op.kind == "resize" and op.module.interpolation == "bicubic" and tuple(op.in_shape[1:]) != op.module.size)
         if nonlinear or op.kind == "residual":
             raise DataError(f"the exact kind needs a linear encoder; {op.name} is not linear (use bound)")
     dim = int(np.prod(input_shape))

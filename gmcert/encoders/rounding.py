@@ -24,7 +24,9 @@ componentwise from the standard model |fl(a op b) - a op b| <= u |a op b| (u the
   rounded once, within gamma_8 of exact): gamma_{k+12} (|W s||x| + |b s| + |mu s| + |beta|);
 * BatchNorm alone, in whatever order torch evaluates it: gamma_16 (|x||s| + |mu s| + |beta|);
   normalisation (x - m) / s: gamma_2 (|x| + |m|) / s; the projection (x - m) W^T: gamma_{k+2} |W|(|x| + |m|);
-* average pools over N values: gamma_{N+2} avg(|x|); max-pool, ReLU, ReLU6, clamps, flatten: exact;
+* average pools over N values: gamma_{N+2} avg(|x|); max-pool, ReLU, ReLU6, clamps, flatten, MaxMin,
+  pixel-(un)shuffle, zero padding: exact; L2-norm pooling over N positions (sqrt of a sum of
+  squares, |y^ - y| <= gamma_{N+1} y): gamma_{2N+4} |y^|, and sqrt((N + 4) tiny) for squares that underflow;
   sigmoid, tanh, softplus, SiLU (libm): 64 u |y|, i.e. 32 ulps where PyTorch's kernels are within a
   few; GELU, hardswish, hardsigmoid, ELU (cancellation in 1 + erf and the like): 64 u (|y| + |x| + 1);
 * resize: f uses the exact interpolation weights w (:func:`exact_interpolation_weights`, torch's
@@ -50,7 +52,6 @@ import contextlib
 import copy
 import math
 import warnings
-from fractions import Fraction
 
 import numpy as np
 import torch
@@ -58,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gmcert.errors import DataError
+from gmcert.encoders.interpolation import _interpolate, exact_interpolation_weights  # noqa: F401  (re-exported)
 from gmcert.encoders.lipschitz import LipschitzUnsupportedError, _bn_scale, _groups, _traced_ops
 from gmcert.encoders.projection import ProjectionLayer
 from gmcert.encoders.small import GroupSort
@@ -101,58 +103,6 @@ def _set_matmul_precision(precision: str) -> None:
         torch.set_float32_matmul_precision(precision)
 
 
-def _cubic(x, a):
-    x = abs(x)
-    return ((a + 2) * x - (a + 3)) * x * x + 1 if x < 1 else ((a * x - 5 * a) * x + 8 * a) * x - 4 * a if x < 2 else 0
-
-
-def exact_interpolation_weights(n_in: int, n_out: int, mode: str, antialias: bool) -> list:
-    """Torch's 1-D interpolation weights (align_corners=False) in exact rational arithmetic.
-
-    Per output index, a dict ``{input index: Fraction}`` of the nonzero weights (taps that torch
-    clamps onto the same border pixel are added up). ``mode`` is ``bilinear`` or ``bicubic``.
-    """
-    rows, scale = [{} for _ in range(n_out)], Fraction(n_in, n_out)
-    for i, row in enumerate(rows):
-        if antialias:  # torch's separable anti-aliasing kernels (PIL's filters; bicubic a = -1/2)
-            size = 2 if mode == "bilinear" else 4
-            support, inv = (Fraction(size, 2) * scale, 1 / scale) if scale >= 1 else (Fraction(size, 2), Fraction(1))
-            center = scale * (i + Fraction(1, 2))
-            lo = max(int(center - support + Fraction(1, 2)), 0)
-            xs = [(lo + j - center + Fraction(1, 2)) * inv
-                  for j in range(min(int(center + support + Fraction(1, 2)), n_in) - lo)]
-            w = [max(1 - abs(x), Fraction(0)) if mode == "bilinear" else _cubic(x, Fraction(-1, 2)) for x in xs]
-            total = sum(w)
-            taps = [(lo + j, v / total if total != 0 else v) for j, v in enumerate(w)]
-        elif mode == "bilinear":
-            src = max(scale * (i + Fraction(1, 2)) - Fraction(1, 2), Fraction(0))
-            i0 = math.floor(src)
-            lam = min(src - i0, Fraction(1))
-            taps = [(i0, 1 - lam), (i0 + (1 if i0 < n_in - 1 else 0), lam)]
-        else:  # bicubic, a = -3/4, taps clamped to the border
-            src = scale * (i + Fraction(1, 2)) - Fraction(1, 2)
-            i0 = math.floor(src)
-            t = src - i0
-            taps = [(min(max(k, 0), n_in - 1), _cubic(x, Fraction(-3, 4)))
-                    for k, x in zip(range(i0 - 1, i0 + 3), (t + 1, t, 1 - t, 2 - t))]
-        for j, v in taps:
-            row[j] = row.get(j, 0) + v
-    return [{j: v for j, v in row.items() if v != 0} for row in rows]
-
-
-def _interpolate(x, terms, key):
-    """Separable interpolation, tap by tap along H then W, with weights ``terms[key + axis]``."""
-    for dim in (2, 3):
-        if f"idx{dim}" not in terms:
-            continue
-        idx, w, y = terms[f"idx{dim}"], terms[f"{key}{dim}"], None
-        for c in range(idx.shape[1]):
-            tap, wc = x.index_select(dim, idx[:, c]), w[:, c].view((-1, 1) if dim == 2 else (-1,))
-            y = tap * wc if y is None else y.addcmul_(tap, wc)
-        x = y
-    return x
-
-
 class _Step:
     """One group of :func:`gmcert.encoders.lipschitz._groups` with what its local rounding bound needs."""
 
@@ -192,6 +142,10 @@ class _Step:
             k = (self.op.in_shape[1] * self.op.in_shape[2] if self.kind == "global_avg"
                  else math.prod(nn.modules.utils._pair(m.kernel_size))) + 2
             self.coef = gamma(k, u)
+        elif self.kind == "normpool":  # sqrt of an N-term sum of squares: |y^ - y| <= gamma_{N+1} y, y <= y^ / (1 - ..)
+            k = self.op.in_shape[1] * self.op.in_shape[2]
+            self.coef = gamma(2 * k + 4, u)
+            k = 4 + k  # underflowed squares add at most N tiny to the sum, sqrt(N tiny) to y: see self.floor
         elif self.kind == "resize" and tuple(self.op.in_shape[1:]) != m.size and m.interpolation != "nearest":
             shrink, k, alpha = m.size[0] < self.op.in_shape[1] or m.size[1] < self.op.in_shape[2], 0, []
             for dim, n_in, n_out in zip((2, 3), self.op.in_shape[1:], m.size):
@@ -207,7 +161,7 @@ class _Step:
                     k += taps
             alpha += [0.0] * (2 - len(alpha))
             self.coef = (1 + alpha[0]) * alpha[1] + alpha[0]
-        self.floor = k * tiny
+        self.floor = k * tiny if self.kind != "normpool" else math.sqrt(k * tiny) + tiny
 
     def to(self, device):
         self.terms = {k: v.to(device) if v is not None else None for k, v in self.terms.items()}
@@ -248,6 +202,9 @@ class _Step:
             delta = self.coef * m(x.abs().double())
         elif kind == "flatten":
             y = x.flatten(1)
+        elif kind == "normpool":
+            y = m(x)
+            delta = self.coef * y.abs().double()
         elif kind == "resize" and t:  # our own taps: torch's float64 weights are themselves rounded
             y = _interpolate(x, t, "w")
             y = y.clamp(0.0, 1.0) if m.interpolation == "bicubic" else y
@@ -267,7 +224,8 @@ def _conv(conv, x, weight, bias):
     from timm.layers.conv2d_same import conv2d_same, pad_same
 
     same = type(conv) is not nn.Conv2d  # timm Conv2dSame: TF 'SAME' padding from the input size only
-    if not (conv.groups == conv.in_channels == conv.out_channels and x.device.type == "cpu"):
+    if not (conv.groups == conv.in_channels == conv.out_channels and x.device.type == "cpu"
+            and conv.padding_mode == "zeros"):
         return conv2d_same(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups) if same \
             else conv._conv_forward(x, weight, bias)
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
@@ -311,8 +269,19 @@ def _run(steps, x, e):
 
 
 def _exact_copy(module, dtype):
-    """A CPU copy in ``dtype``; refuses if that would round any parameter or buffer (f would change)."""
+    """A CPU copy in ``dtype``; refuses if that would round any parameter or buffer (f would change).
+    Parametrised weights (a student while it trains) are materialised first, in their own dtype: f is
+    the map with the weights the module's forward applies, not a float64 re-evaluation of them."""
+    from torch.nn.utils import parametrize
+
     out = copy.deepcopy(module).to("cpu")
+    for sub in list(out.modules()):
+        if parametrize.is_parametrized(sub):  # not remove_parametrizations: it edits the class, shared with module
+            values = {name: getattr(sub, name).detach().clone() for name in sub.parametrizations}
+            sub.__class__ = type(sub).__bases__[0]
+            del sub._modules["parametrizations"]
+            for name, value in values.items():
+                setattr(sub, name, nn.Parameter(value, requires_grad=False))
     for name, value in list(out.named_parameters()) + list(out.named_buffers()):
         if value.is_floating_point() and not torch.equal(value.detach().to(dtype).to(value.dtype), value.detach()):
             raise DataError(f"{name} ({value.dtype}) is not exactly representable in {dtype}; "

@@ -23,8 +23,9 @@ def add_train_args(sub, default_out: str):
                        help="lipschitz: a 1-Lipschitz network (orthogonal layers) trained by the margin method, "
                             "whose closed-form certificates are sound and useful from one pass")
     train.add_argument("--encoder", default=None,
-                       help="card name (default gmcert_cnn, a small CNN for small images; gmcert_lipnet for "
-                            "--student lipschitz; efficientnet_lite0, ...), .toml path or timm:<model>")
+                       help="card name (default gmcert_cnn, a small CNN for small images; for --student lipschitz "
+                            "gmcert_lipnet up to 8x8 px, gmcert_lipconv above; efficientnet_lite0, ...), .toml path "
+                            "or timm:<model>")
     train.add_argument("--arch", default=None, help="the base architecture, an alias of --encoder: lenet (LeNet-5, "
                                                     "the published Fashion-MNIST rows' base), gmcert_cnn, ...")
     train.add_argument("--input-size", type=int, default=None,
@@ -67,14 +68,14 @@ def cmd_train(args) -> int:
             raise DataError(f"--arch {args.arch} and --encoder {args.encoder} name two bases; give one")
         args.encoder = args.arch
     args.method = args.method or ("margin" if lipschitz else "gaussian")
-    args.encoder = args.encoder or ("gmcert_lipnet" if lipschitz else "gmcert_cnn")
+    args.encoder = args.encoder or (None if lipschitz else "gmcert_cnn")  # lipschitz: train_model picks by image size
     args.epochs = args.epochs or (100 if lipschitz else 30)
     config = TrainConfig(method=args.method, sigma=args.sigma, student=args.student, margin=args.margin,
                          distill_weight=args.distill_weight, epochs=args.epochs, batch_size=args.batch_size,
                          lr=args.lr, copies=args.copies, consistency_weight=args.consistency_weight,
                          crt_weight=args.crt_weight, shape_latents=args.shape_latents, shape_weight=args.shape_weight,
                          head_copies=args.head_copies, seed=args.seed, amp=args.amp)
-    print(f"training {args.encoder} on {args.data} by {args.method}"
+    print(f"training {args.encoder or 'a Lipschitz student'} on {args.data} by {args.method}"
           f"{'' if lipschitz else f' at sigma={args.sigma}'}"
           f"{' with latent shaping' if args.shape_latents else ''} for {args.epochs} epochs", file=sys.stderr)
     pipeline, record = train_model(args.out, data=args.data, encoder=args.encoder, input_size=args.input_size,

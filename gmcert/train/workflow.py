@@ -46,9 +46,10 @@ def build_student(encoder: str, n_classes: int, input_size=None, pretrained=None
     ``lipschitz``: the network's linear layers are kept orthogonal while training (PyTorch's own
     ``parametrizations.orthogonal``: exact orthogonality up to rounding, no extra dependency; the
     Lipschitz-layer libraries deel-torchlip and orthogonium would add one for layers this MLP does
-    not need, and the certificate never trusts any of them: it bounds the stored weights by SVD)
-    and the student gets class centres
-    in latent space (``centers``), what the margin objective and its predictions use.
+    not need, and the certificate never trusts any of them: it bounds the stored weights by SVD);
+    a network with ``constrain()`` (the conv students, :mod:`gmcert.encoders.lipconv`) registers its
+    own parametrisations instead. The student gets class centres in latent space (``centers``), what
+    the margin objective and its predictions use.
     """
     from gmcert.encoders.cards import Encoder, _build, load_card
 
@@ -62,18 +63,21 @@ def build_student(encoder: str, n_classes: int, input_size=None, pretrained=None
         pretrained = card.weights.get("source") != "none"
     network, digest = _build(card, pretrained)
     if lipschitz and not hasattr(network, "lipschitz_layers"):
-        raise DataError(f"--student lipschitz needs a Lipschitz architecture (the gmcert_lipnet card); "
-                        f"{card.name} ({card.architecture}) is not one")
+        raise DataError("--student lipschitz needs a Lipschitz architecture (the gmcert_lipnet or gmcert_lipconv "
+                        f"cards); {card.name} ({card.architecture}) is not one")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         network.reset_classifier(n_classes)
-        if lipschitz:
+        if lipschitz and hasattr(network, "constrain"):  # a conv student: its own parametrisations
+            network.constrain()
+        elif lipschitz:
             from torch.nn.utils.parametrizations import orthogonal
 
             for layer in network.lipschitz_layers():
                 # Cayley: measured here, torch's default Householder map for non-square weights
                 # collapsed to 0 under AdamW within 20 steps; matrix_exp is 7x slower
                 orthogonal(layer, orthogonal_map="cayley")
+        if lipschitz:
             centers = torch.nn.Parameter(torch.randn(n_classes, network.num_features))
     card = replace(card, num_classes=int(n_classes), name=f"{card.name.replace(':', '-')}-trained")
     student = Encoder(network, card, digest, n_classes)
@@ -116,7 +120,8 @@ def train_model(out, data: str = "digits", encoder: str | None = None, input_siz
                 data_root=None):
     """Train a noise-robust base (or a Lipschitz student) on ``data``; write a gmcert model directory to ``out``.
 
-    ``encoder`` defaults to ``gmcert_cnn`` (``gmcert_lipnet`` for ``config.student="lipschitz"``).
+    ``encoder`` defaults to ``gmcert_cnn``; for ``config.student="lipschitz"``, to ``gmcert_lipnet`` on
+    images of at most 8x8 pixels and to the convolutional ``gmcert_lipconv`` above.
     ``input_size`` (px, or ``(H, W)``) defaults to :func:`student_input_size`: gmcert's own networks
     take the data's native size; another size is printed with its norm and recorded (``resize``).
     ``data_root``: where the data's files are (Fashion-MNIST's IDX files; ``--data-root``).
@@ -128,7 +133,7 @@ def train_model(out, data: str = "digits", encoder: str | None = None, input_siz
     from gmcert.inputs import fit_split, load_inputs
 
     config = config or TrainConfig()
-    encoder = encoder or ("gmcert_lipnet" if config.student == "lipschitz" else "gmcert_cnn")
+    lipschitz = config.student == "lipschitz"
     out = Path(out)
     staging = Path(f"{out}.train")
     check_folder_target(out, "--out", owner_file="pipeline.json")
@@ -138,18 +143,20 @@ def train_model(out, data: str = "digits", encoder: str | None = None, input_siz
     from gmcert.data import resolve_split
     from gmcert.encoders.resizing import describe_resize, resize_record
 
-    channels = load_card(encoder).input_size[0]
+    channels = load_card(encoder or ("gmcert_lipnet" if lipschitz else "gmcert_cnn")).input_size[0]
     if Path(str(data)).exists():  # a file or folder: recorded absolute, so certify finds it from anywhere
         data = str(Path(str(data)).resolve())
     data = resolve_split(data, "train")  # recorded with its split: certify's held-out rows come from it
     inputs = load_inputs({"data": data}, channels=channels, limit=limit, root=data_root)
+    if encoder is None:  # a Lipschitz student: the MLP on 8x8 images, the conv student above (both 1 channel)
+        encoder = ("gmcert_lipconv" if max(inputs.x.shape[2:]) > 8 else "gmcert_lipnet") if lipschitz else "gmcert_cnn"
     train, test = fit_split(inputs.labels, test_size, config.seed)
     classes, y_all = np.unique(inputs.labels, return_inverse=True)
     device = torch.device(device) if device is not None else _device()
     if input_size is None:
         input_size = student_input_size(load_card(encoder), inputs.x.shape[2:])
     student = build_student(encoder, len(classes), input_size, pretrained, device, seed=config.seed,
-                            lipschitz=config.student == "lipschitz")
+                            lipschitz=lipschitz)
     resize = resize_record(student.card, inputs.x.shape[2:])
     if progress and resize is not None:
         print(describe_resize(resize), file=sys.stderr)
