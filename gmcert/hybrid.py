@@ -20,7 +20,7 @@ arithmetic and the head's exact decision). The routes below look up tau at x' by
 computes, so each claim needs that class to be c wherever ``||x' - x|| < lo(x)``, also next to a
 class whose tau is infinite (x' computing that class would go to smoothing). That is a checked
 condition, not a rounding assumption: ``lo`` is shaved by the pass's rounding over the whole ball
-(:mod:`gmcert.encoders.ball_rounding`), so inside it the computed class is c, and a certificate
+(:mod:`gmcert.bounds.ball_rounding`), so inside it the computed class is c, and a certificate
 without that shave (``extra["covers_predict"]`` unset) gets ``lo = 0``. Where ``lo(x) > 0`` f(x) is
 the exact f's class too.
 

@@ -11,6 +11,9 @@ from gmcert.atomic import replace_directory
 from gmcert.errors import DataError, ModelFileError
 from gmcert.latent.mixture import GaussianMixtureClassifier
 
+#: encoders that are no network: latents as given (``none``) or pixels flattened (``identity``)
+LINEAR_ENCODERS = ("none", "identity")
+
 FORMAT = "gmcert-pipeline"
 FORMAT_VERSION = 1
 
@@ -18,7 +21,6 @@ FORMAT_VERSION = 1
 def save_pipeline(pipeline, path) -> None:
     """Write ``pipeline``'s model directory at ``path`` atomically (:meth:`Pipeline.save`)."""
     from gmcert.latent.modelio import save_arrays
-    from gmcert.pipeline import LINEAR_ENCODERS
 
     pipeline._check_fitted()
     path = Path(path)
@@ -55,7 +57,6 @@ def load_pipeline(cls, path, device=None, cache_dir=None):
     """Read a model directory written by :func:`save_pipeline` into a ``cls`` (:meth:`Pipeline.load`)."""
     from gmcert.encoders.projection import projection_from_arrays
     from gmcert.latent.modelio import load_arrays
-    from gmcert.pipeline import LINEAR_ENCODERS
 
     path = Path(path)
     meta_path = path / "pipeline.json"

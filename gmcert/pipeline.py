@@ -22,9 +22,9 @@ import numpy as np
 from gmcert.latent.dual import EPS, RADIUS_SHAVE
 from gmcert.errors import DataError
 from gmcert.latent.mixture import GaussianMixtureClassifier
+from gmcert.modeldir import LINEAR_ENCODERS  # noqa: F401  (re-exported)
 from gmcert.results import ABSTAIN, Certificate
 
-LINEAR_ENCODERS = ("none", "identity")
 LIPSCHITZ_MODES = ("auto", "bound", "estimate")
 #: An ``exact`` latent radius is within the dual solver's tolerance and the shave of the true one;
 #: this relative margin (far wider than both) gives a sound upper end for routing.
@@ -218,7 +218,7 @@ class Pipeline:
         encoders and every card the closed form certifies), else fast: an encoder without one
         (a DEQ, say) has no closed-form certificate to keep.
         """
-        from gmcert.encoders.lipschitz import LipschitzUnsupportedError
+        from gmcert.bounds.lipschitz import LipschitzUnsupportedError
 
         if arithmetic not in ("auto", "certified", "fast"):
             raise DataError(f"arithmetic must be 'auto', 'certified' or 'fast', got {arithmetic!r}")
@@ -267,7 +267,7 @@ class Pipeline:
         """The encoder's layer bounds and rounding-error analysis for inputs of ``shape`` (cached)."""
         import torch
 
-        from gmcert.encoders.rounding import ForwardErrorBound
+        from gmcert.bounds.rounding import ForwardErrorBound
 
         key = self._encoder_key(shape)
         if key not in self._error_bounds:
@@ -281,13 +281,13 @@ class Pipeline:
         """Head inputs ``z`` ``(n, d)`` float64 and a sound bound ``(n,)`` on ``||z - z_exact||``.
 
         ``z_exact`` is what exact arithmetic would give. The encoder runs in float64 and
-        :class:`gmcert.encoders.rounding.ForwardErrorBound` bounds its rounding error (TF32, cuDNN, oneDNN
+        :class:`gmcert.bounds.rounding.ForwardErrorBound` bounds its rounding error (TF32, cuDNN, oneDNN
         and NNPACK off, so no FFT or Winograd convolution); the projection's rounding is added.
         This is the arithmetic :meth:`predict` runs.
 
         ``ball=True`` adds ``(E_c (n,), E_r)``: at every ``x'`` within r of ``X_i``, this same pass
         computes a latent within ``E_c_i + E_r r`` of ``z_exact(x')``
-        (:mod:`gmcert.encoders.ball_rounding`), so that :meth:`certify`'s radii hold for
+        (:mod:`gmcert.bounds.ball_rounding`), so that :meth:`certify`'s radii hold for
         :meth:`predict` as it runs, not only for the exact function.
         """
         self._check_fitted()
@@ -322,7 +322,7 @@ class Pipeline:
         """CLEVER-style local estimate at one input: NOT sound (kind ``estimate``)."""
         import torch
 
-        from gmcert.encoders.lipschitz import lipschitz_constant
+        from gmcert.bounds.lipschitz import lipschitz_constant
 
         # the Jacobian of projection after encoder: PCA drops directions the head never sees
         module = torch.nn.Sequential(self.encoder, self.projection.to_torch()).eval()

@@ -33,6 +33,7 @@ import torch
 from scipy.special import ndtri
 from tqdm import tqdm
 
+from gmcert.bounds.contraction import contraction_constants, is_contractive
 from gmcert.inputs import load_inputs
 from gmcert.report import average_certified_radius, certified_accuracy
 from gmcert.smoothing.serialized import hypergeometric_upper, serialized_lower_bound
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
     x, y, classes = inputs.x[test], inputs.labels[test], pipeline.head.classes_
     smoother = pipeline.smoother(args.sigma, args.seed)
     network = pipeline.encoder.network
-    contractive = hasattr(network, "contraction_constants")
+    contractive = is_contractive(network)
     cold_calls = [0.0]  # cell evaluations of the standard's cold solves, counted per forward pass
     network.register_forward_hook(lambda m, inputs, out: cold_calls.__setitem__(0, cold_calls[0]
                                                                                + m.last_steps * len(inputs[0])))
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
             oracle.append(_from_p(float(clopper_pearson_lower(max(n_a - d_up_zero, 0), args.n, ALPHA / 2)), c_a,
                                   y[i], args.sigma, classes))
     radii = list(np.linspace(0, 2 * args.sigma, 5))
-    solver = (f"certified contraction L = {network.contraction_constants().lipschitz:.3f}, cold solves to residual "
+    solver = (f"certified contraction L = {contraction_constants(network).lipschitz:.3f}, cold solves to residual "
               f"{network.tol:g} by fixed-point steps" if contractive else f"{network.max_iter} cold Anderson steps")
     lines = [f"digits DEQ `{args.encoder}` ({record['epochs_done']} epochs, held-out clean accuracy "
              f"{record['network']['clean_accuracy']:.3f}; {solver}), {len(y)} held-out inputs, sigma {args.sigma}, "

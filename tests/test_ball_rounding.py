@@ -1,4 +1,4 @@
-"""The certified pass's rounding over a whole ball (gmcert.encoders.ball_rounding): at points x'
+"""The certified pass's rounding over a whole ball (gmcert.bounds.ball_rounding): at points x'
 within r of x, the float32 pass's error against the float64 one stays within A + B r, and its
 output moves by at most rho_c + rho_r r; the bounds are close to what is observed where the
 network is near-isometric, so an unsound slope fails here."""
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gmcert.encoders.cards import EncoderCard, load_encoder
-from gmcert.encoders.rounding import ForwardErrorBound
+from gmcert.bounds.ball_rounding import pass_with_ball
+from gmcert.bounds.rounding import ForwardErrorBound
 
 from test_rounding import _small_cnn
 
@@ -47,7 +48,7 @@ def test_ball_terms_hold_at_points_of_the_ball(name, make, shape):
     b32, b64 = ForwardErrorBound(module, shape, dtype=torch.float32), ForwardErrorBound(module, shape)
     gen = torch.Generator().manual_seed(3)
     X = torch.rand(8, *shape, generator=gen, dtype=torch.float64)
-    Z, err, A, B, rho_c, rho_r = b32(X, batch_size=3, ball=True)
+    Z, err, A, B, rho_c, rho_r = pass_with_ball(b32, X, batch_size=3)
     Z_plain, err_plain = b32(X, batch_size=3)
     assert np.array_equal(Z, Z_plain) and np.allclose(err, err_plain, rtol=1e-12)  # the same pass
     assert np.all(A >= err) and B > 0 and np.all(rho_c >= 0) and rho_r >= b32.lipschitz

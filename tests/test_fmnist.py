@@ -18,7 +18,7 @@ from gmcert.cli import main
 from gmcert.data import Resize, load_dataset
 from gmcert.data.fashion_mnist import FILES, SYSTEM_DIR
 from gmcert.encoders.cards import CARDS_DIR
-from gmcert.encoders.lipschitz import _SLACK as SLACK
+from gmcert.bounds.lipschitz import _SLACK as SLACK
 from gmcert.encoders.resizing import resize_norm
 from gmcert.errors import DataError
 
@@ -208,7 +208,7 @@ def test_fit_prints_and_records_a_cards_resize(tmp_path, fmnist_root, tiny_card,
 # -- LeNet -----------------------------------------------------------------------------------
 def test_lenet_is_the_published_architecture_and_its_bound_is_sound():
     from gmcert.encoders.cards import load_encoder
-    from gmcert.encoders.lipschitz import lipschitz_constant
+    from gmcert.bounds.lipschitz import lipschitz_constant
 
     encoder = load_encoder("lenet", pretrained=False).double()
     shapes = [tuple(m.weight.shape) for m in encoder.network.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]

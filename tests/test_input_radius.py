@@ -145,7 +145,7 @@ def test_near_boundary_float32_inputs_get_no_wrong_certificate(digits):
 
 def test_certified_pass_hits_the_latent_cache(tmp_path, digits, monkeypatch):
     """`gmcert certify` after `gmcert fit` reuses the certifying pass (latents and error bound)."""
-    from gmcert.encoders import rounding
+    from gmcert.bounds import rounding
 
     card = tmp_path / "tiny.toml"
     card.write_text('name = "tiny"\narchitecture = "tf_efficientnet_lite0"\ninput_size = [3, 16, 16]\n'
@@ -155,8 +155,8 @@ def test_certified_pass_hits_the_latent_cache(tmp_path, digits, monkeypatch):
     pipe = Pipeline(encoder=str(card), pretrained=False, n_components=8, cache_dir=tmp_path / "cache")
     pipe.fit(X, labels[:60], dataset_identity="digits[:60]")
     calls = []
-    original = rounding.ForwardErrorBound.__call__
-    monkeypatch.setattr(rounding.ForwardErrorBound, "__call__", lambda self, *a, **k: calls.append(1) or
+    original = rounding.ForwardErrorBound.prepare  # every pass, plain or over balls, starts here
+    monkeypatch.setattr(rounding.ForwardErrorBound, "prepare", lambda self, *a, **k: calls.append(1) or
                         original(self, *a, **k))
     first = pipe.certify(X[:20], dataset_identity="digits[:20]")
     second = pipe.certify(X[:20], dataset_identity="digits[:20]")

@@ -1,5 +1,7 @@
-"""The package's layers: math imports no torch, and dependencies run one way
-(base <- math <- encoders and smoothing <- pipeline <- hybrid, compare, inputs <- cli)."""
+"""The package's layers: math imports no torch, dependencies run one way
+(base <- math <- data <- networks <- bounds <- encoders, smoothing <- pipeline <- hybrid, compare,
+inputs <- cli), no module imports itself through others (no circle), and card registration and
+the bound code load none of each other."""
 import ast
 from pathlib import Path
 
@@ -13,7 +15,8 @@ LAYERS = {
     "gmcert": 0, "gmcert.errors": 0, "gmcert.results": 0, "gmcert.atomic": 0,
     "gmcert.latent": 1, "gmcert.mismatch": 1, "gmcert.smoothing": 1, "gmcert.smoothing.stats": 1,
     "gmcert.smoothing.sequential": 1, "gmcert.smoothing.serialized": 1, "gmcert.smoothing.verified": 1,
-    "gmcert.data": 2, "gmcert.encoders": 2, "gmcert.head": 2, "gmcert.smoothing.smoother": 2, "gmcert.smoothing.srs": 2,
+    "gmcert.data": 2, "gmcert.networks": 2.1, "gmcert.bounds": 2.2, "gmcert.encoders": 2.3, "gmcert.head": 2.3,
+    "gmcert.smoothing.smoother": 2.4, "gmcert.smoothing.srs": 2.4,
     "gmcert.distributed": 2, "gmcert.distributed.rows": 3,
     "gmcert.pipeline": 3, "gmcert.modeldir": 3, "gmcert.report": 3,
     "gmcert.hybrid": 4, "gmcert.compare": 4, "gmcert.inputs": 4, "gmcert.train": 4, "gmcert.train.command": 5,
@@ -84,7 +87,8 @@ def test_the_check_catches_a_lower_layer_importing_a_higher_one():
 
 def test_one_concept_per_folder():
     folders = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
-    assert folders == ["cli", "data", "distributed", "encoders", "latent", "mismatch", "smoothing", "train"]
+    assert folders == ["bounds", "cli", "data", "distributed", "encoders", "latent", "mismatch", "networks",
+                       "smoothing", "train"]
     top = sorted(p.stem for p in PACKAGE.glob("*.py"))
     assert len(top) <= 13, top  # new work goes in a folder of its own
 
@@ -98,3 +102,80 @@ def test_math_runs_without_torch():
             "gmcert.mismatch; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _graph() -> dict:
+    """module -> the gmcert modules it imports (lazy imports too), for every file of the package. A
+    module's own packages are left out: Python runs them first whatever the module imports (``from
+    gmcert.latent import certificates`` inside the package depends on ``certificates``)."""
+    names = {module_name(p) for p in FILES}
+
+    def own_package(module, name):
+        return module.startswith(name + ".")
+
+    return {module_name(p): {n for n in imports(p) if n in names and n != module_name(p)
+                             and not own_package(module_name(p), n)} for p in FILES}
+
+
+def circles(graph: dict) -> list:
+    """The strongly connected groups of more than one module (Tarjan), each sorted."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circle():
+    assert circles(_graph()) == []
+
+
+def test_the_circle_check_finds_a_circle():
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": set()}) == []
+
+
+@pytest.mark.parametrize("code, banned", [
+    ("import gmcert.encoders.cards, gmcert.networks", "gmcert.bounds"),
+    ("import gmcert.bounds.lipschitz, gmcert.bounds.rounding, gmcert.bounds.ball_rounding, gmcert.bounds.clever",
+     "gmcert.encoders.cards"),
+])
+def test_card_registration_and_the_bounds_load_none_of_each_other(code, banned):
+    import subprocess
+    import sys
+
+    probe = f"import sys; {code}; print(sorted(m for m in sys.modules if m.startswith({banned!r})))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_old_module_paths_are_the_moved_modules():
+    import gmcert.bounds.rounding
+    import gmcert.encoders.rounding
+    import gmcert.encoders.small
+    import gmcert.networks.small
+
+    assert gmcert.encoders.rounding is gmcert.bounds.rounding and gmcert.encoders.small is gmcert.networks.small

@@ -1,4 +1,4 @@
-"""Convolutional 1-Lipschitz students (gmcert/encoders/lipconv.py): every layer's bound holds against
+"""Convolutional 1-Lipschitz students (gmcert/networks/lipconv.py): every layer's bound holds against
 the exact norm of its dense matrix, a wrong bound would not, the whole network's bound holds
 against the largest stretch an attack finds, radii from it survive PGD, the rounding bound of the
 float64 pass holds against float32, and a card round trip keeps predictions and bound."""
@@ -16,11 +16,11 @@ from torch.nn.utils import parametrize
 from attacks import attack
 from test_rounding import _stages
 from gmcert.encoders.cards import file_sha256, load_card, load_encoder
-from gmcert.encoders.convnorm import conv_operator_norm
-from gmcert.encoders.lipconv import GlobalNormPool, LipschitzConvNet, PadToEven
-from gmcert.encoders.lipschitz import LipschitzUnsupportedError, layer_bounds, spectral_bound
-from gmcert.encoders.rounding import ForwardErrorBound, standard_arithmetic
-from gmcert.encoders.small import GroupSort
+from gmcert.bounds.convnorm import conv_operator_norm
+from gmcert.networks.lipconv import GlobalNormPool, LipschitzConvNet, PadToEven
+from gmcert.bounds.lipschitz import LipschitzUnsupportedError, layer_bounds, spectral_bound
+from gmcert.bounds.rounding import ForwardErrorBound, standard_arithmetic
+from gmcert.networks.small import GroupSort
 from gmcert.errors import ModelFileError
 from gmcert.train.workflow import _toml
 

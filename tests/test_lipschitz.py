@@ -12,7 +12,7 @@ from torch import nn
 from gmcert.data import Resize, load_dataset
 from gmcert.encoders.cards import EncoderCard, load_encoder
 from gmcert.errors import DataError
-from gmcert.encoders.lipschitz import (LipschitzUnsupportedError, jacobian_norms, layer_bounds, lipschitz_constant,
+from gmcert.bounds.lipschitz import (LipschitzUnsupportedError, jacobian_norms, layer_bounds, lipschitz_constant,
                               spectral_bound)
 from gmcert.encoders.projection import PCAProjection
 

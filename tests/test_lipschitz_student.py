@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from attacks import attack, float64_module
 from gmcert.cli import main
 from gmcert.encoders.cards import load_encoder
-from gmcert.encoders.rounding import ForwardErrorBound
+from gmcert.bounds.rounding import ForwardErrorBound
 from gmcert.errors import DataError, ModelFileError
 from gmcert.inputs import load_inputs
 from gmcert.pipeline import Pipeline

@@ -14,9 +14,9 @@ from torch import nn
 from gmcert.data import Resize
 from gmcert.encoders.cards import Encoder, EncoderCard, load_encoder
 from gmcert.errors import DataError
-from gmcert.encoders.lipschitz import LipschitzUnsupportedError, _groups, _traced_ops, spectral_bound
+from gmcert.bounds.lipschitz import LipschitzUnsupportedError, _groups, _traced_ops, spectral_bound
 from gmcert.encoders.projection import PCAProjection
-from gmcert.encoders.rounding import ForwardErrorBound, exact_interpolation_weights, gamma, standard_arithmetic
+from gmcert.bounds.rounding import ForwardErrorBound, exact_interpolation_weights, gamma, standard_arithmetic
 
 U32 = 2.0 ** -24
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from gmcert.encoders.cdeq import dft_operator_norm
+from gmcert.bounds.contraction import certified_norms
+from gmcert.networks.cdeq import dft_operator_norm
 from gmcert.errors import DataError
 from gmcert.inputs import load_inputs
 from gmcert.smoothing.srs import _chain_summary, _verified_parts, certify_verified
@@ -52,7 +53,7 @@ def test_verify_proves_nothing_where_its_own_bounds_do_not_hold(cdeq):
 
 def test_the_certified_norms_bound_the_convolutions(cdeq):
     net = cdeq["pipeline"].encoder.network
-    n1, n2, a1, a2 = net.cell.certified_norms()
+    n1, n2, a1, a2 = certified_norms(net.cell)
     for w, bound, abs_bound in zip(net.cell.weights, (n1, n2), (a1, a2)):
         # power iteration on the actual zero-padded convolution (64 random starts) stays below the bound
         v = torch.randn(64, 16, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -338,7 +339,7 @@ def test_the_standard_deq_is_one_function_of_each_sample(cdeq):
 
 
 def test_a_deq_on_cuda_needs_deterministic_cublas(monkeypatch):
-    from gmcert.encoders.deq import layout_free_arithmetic
+    from gmcert.networks.arithmetic import layout_free_arithmetic
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     with pytest.raises(DataError, match="CUBLAS_WORKSPACE_CONFIG"):

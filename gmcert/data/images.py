@@ -60,7 +60,7 @@ def resize_images(images: torch.Tensor, size, interpolation: str = "bicubic") ->
 
     Anti-aliasing is used when shrinking (bilinear/bicubic). Bicubic overshoots, so its output is
     clamped to [0, 1]; the clamp is 1-Lipschitz, so the map stays linear-then-1-Lipschitz, which
-    ``gmcert.encoders.lipschitz`` relies on.
+    ``gmcert.bounds.lipschitz`` relies on.
     """
     size = (int(size[0]), int(size[1]))
     if tuple(images.shape[-2:]) == size:
@@ -75,7 +75,7 @@ def resize_images(images: torch.Tensor, size, interpolation: str = "bicubic") ->
 
 
 class Resize(nn.Module):
-    """``resize_images`` as a module (the front of every encoder; ``gmcert.encoders.lipschitz`` knows it)."""
+    """``resize_images`` as a module (the front of every encoder; ``gmcert.bounds.lipschitz`` knows it)."""
 
     def __init__(self, size, interpolation: str = "bicubic"):
         super().__init__()

@@ -1,8 +1,8 @@
-"""Encoders and what certifies them: cards and timm modules (``cards``), images to latents with a
-cache (``encoding``), fitted projections (``projection``), sound Lipschitz bounds (``lipschitz``,
-exact layer norms in ``convnorm``), CLEVER estimates (``clever``), the rounding-error bound of the
-certifying pass (``rounding``), and gmcert's own architectures (``small``, ``lipconv``, ``cdeq``,
-``deq``)."""
+"""Loading encoders: cards and timm modules (``cards``, weights files in ``state_dicts``), images to
+latents with a cache (``encoding``), fitted projections (``projection``) and a card's resize of the
+data (``resizing``). gmcert's own architectures are in :mod:`gmcert.networks`, what certifies them
+in :mod:`gmcert.bounds`; the old module paths here (``gmcert.encoders.lipschitz`` and the rest)
+are those same modules."""
 from gmcert.encoders.cards import (CARDS_DIR, Encoder, EncoderCard, card_from_timm, card_from_toml, list_cards,
                                    load_card, load_classifier, load_encoder, map_ordered)
 

@@ -147,7 +147,7 @@ def encode(encoder, images, batch_size: int = 64, device=None, cache_dir=None, c
 
 
 def certified_pass(bound, X, batch_size, device, cache_dir=None, dataset_identity=None, encoder=None):
-    """``bound(X, ball=True)`` (a :class:`gmcert.encoders.rounding.ForwardErrorBound`) in chunks with
+    """:func:`gmcert.bounds.ball_rounding.pass_with_ball` of ``bound`` on ``X`` in chunks with
     a progress bar: ``(raw, err, A, B, rho_c, rho_r)``. With ``cache_dir`` and ``dataset_identity``
     it goes through the latent cache (keyed by ``encoder``, the module ``bound`` analyses), so
     ``gmcert certify`` after ``gmcert fit`` does not encode again."""
@@ -160,7 +160,9 @@ def certified_pass(bound, X, batch_size, device, cache_dir=None, dataset_identit
             raw, err, A, B, rho_c, rho_r = cached
             return raw, err, A, float(B.max()), rho_c, float(rho_r.max())
     step = 4 * int(batch_size)
-    chunks = [bound(X[i:i + step], batch_size=batch_size, device=device, ball=True)
+    from gmcert.bounds.ball_rounding import pass_with_ball
+
+    chunks = [pass_with_ball(bound, X[i:i + step], batch_size, device)
               for i in tqdm(range(0, len(X), step), desc="certifying pass", unit="chunk", leave=False, delay=2)]
     if not chunks:
         raise DataError("no inputs to certify")

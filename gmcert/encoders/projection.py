@@ -11,22 +11,11 @@ from torch import nn
 
 from gmcert.latent.dual import EPS, RADIUS_SHAVE
 from gmcert.errors import DataError, ModelFileError
+from gmcert.networks.projection_layer import ProjectionLayer
 
 PROJECTIONS = ("pca", "none")
 #: Rows whose Gram matrix is this close to the identity count as orthonormal.
 ORTHONORMAL_TOL = 1e-10
-
-
-class ProjectionLayer(nn.Module):
-    """``z = (x - mean) @ weight.T``: an affine map with orthonormal-row ``weight`` ``(k, d)``."""
-
-    def __init__(self, mean: np.ndarray, weight: np.ndarray, dtype=torch.float32):
-        super().__init__()
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=dtype))
-        self.register_buffer("weight", torch.as_tensor(weight, dtype=dtype))
-
-    def forward(self, x):
-        return (x.flatten(1) - self.mean) @ self.weight.T
 
 
 def _check_fitted(obj):

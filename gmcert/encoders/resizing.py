@@ -3,13 +3,13 @@
 An encoder whose card fixes an input size (a pretrained network at 32 or 224 px) resizes every
 image first (:class:`gmcert.data.Resize`). That map is linear (then a 1-Lipschitz clamp), so it
 multiplies the encoder's Lipschitz bound by its operator norm, the product of the two 1-D
-interpolation matrices' norms: the same factor :mod:`gmcert.encoders.lipschitz` multiplies in.
+interpolation matrices' norms: the same factor :mod:`gmcert.bounds.lipschitz` multiplies in.
 Commands print it and record it (``resize`` in ``pipeline.json``, ``train.json`` and certify's
 JSON summary), so that no resize is silent.
 """
 from __future__ import annotations
 
-from gmcert.encoders.lipschitz import _SLACK, _interp_matrix_norm
+from gmcert.bounds.lipschitz import _SLACK, _interp_matrix_norm
 
 
 def resize_norm(in_hw, out_hw, interpolation: str) -> float:

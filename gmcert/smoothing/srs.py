@@ -4,10 +4,10 @@ The counted samples run as a chain of batches: batch t's solves start from batch
 (sample j from sample j) and take ``steps`` plain fixed-point steps; every ``warmup_interval``-th
 batch is solved in full from a cold start. The classifier certified is the *standard* DEQ: a cold
 start and a full solve (the DEQ's evaluation solve), in the layout-free arithmetic both DEQs
-evaluate in (:func:`gmcert.encoders.deq.layout_free_arithmetic`: no TF32, cuDNN, oneDNN or NNPACK,
+evaluate in (:func:`gmcert.networks.deq.layout_free_arithmetic`: no TF32, cuDNN, oneDNN or NNPACK,
 deterministic algorithms), where a sample's answer does not depend on the batch it is solved in.
 With torch's default kernels it does, by up to 2.5e-4 in ``gmcert_deq``'s fixed point (measured
-in :mod:`gmcert.encoders.cdeq`), so that "the standard DEQ" would not be one classifier. The warm answers are corrected by a blind
+in :mod:`gmcert.networks.cdeq`), so that "the standard DEQ" would not be one classifier. The warm answers are corrected by a blind
 audit (:mod:`gmcert.smoothing.serialized`, where the argument is): ``audit_size`` chain indices,
 drawn before any counted noise from the selection stream, are re-solved cold at the same noise.
 Selection (``n0`` draws) uses full cold solves, so c_A is the standard DEQ's guess.
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy.special import ndtri
 
-from gmcert.encoders.deq import layout_free_arithmetic
+from gmcert.networks.arithmetic import layout_free_arithmetic
 from gmcert.errors import DataError
 from gmcert.results import ABSTAIN, Certificate
 from gmcert.smoothing.serialized import audit_indices, serialized_lower_bound
@@ -128,11 +128,12 @@ def _verified_parts(base):
 
 
 def _build_verified_parts(base):
+    from gmcert.bounds.contraction import contraction_constants, is_contractive
     from gmcert.smoothing.verified import HeadGeometry
 
     parts = list(base) if isinstance(base, torch.nn.Sequential) else []
     deq = getattr(parts[0], "network", None) if parts else None
-    if len(parts) != 3 or not hasattr(deq, "contraction_constants") or not hasattr(parts[2], "chol"):
+    if len(parts) != 3 or not is_contractive(deq) or not hasattr(parts[2], "chol"):
         raise DataError("verified serialized smoothing needs a pipeline whose encoder is a contractive DEQ "
                         "(gmcert_cdeq): encoder -> projection -> Gaussian head")
     projection, head = parts[1], parts[2]
@@ -141,7 +142,7 @@ def _build_verified_parts(base):
     weight = getattr(projection, "weight", torch.eye(width)).detach().cpu()
     geometry = HeadGeometry.build(mean, weight, head.means.cpu(), head.chol.cpu(), head.offset.cpu(),
                                   head.component_class.cpu(), head.n_classes)
-    return parts[0], deq, deq.contraction_constants(), geometry
+    return parts[0], deq, contraction_constants(deq), geometry
 
 
 def _chain_summary(deq, previous, now, u):

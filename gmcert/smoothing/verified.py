@@ -1,6 +1,6 @@
 """Verified warm answers for serialized smoothing of a contractive DEQ (math: numpy only).
 
-The standard DEQ (:mod:`gmcert.encoders.cdeq`) classifies a noisy image by solving z = F(z, u),
+The standard DEQ (:mod:`gmcert.networks.cdeq`) classifies a noisy image by solving z = F(z, u),
 u = stem(x), from a cold start until the computed residual ||F(z) - z|| is at most ``tol``, then
 pooling z, projecting it to a latent and taking the Gaussian head's argmax, all in float32. Its
 cell is a contraction: ||F(z, u) - F(z', u)|| <= L ||z - z'|| with a certified L < 1. A warm chain

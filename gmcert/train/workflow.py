@@ -47,7 +47,7 @@ def build_student(encoder: str, n_classes: int, input_size=None, pretrained=None
     ``parametrizations.orthogonal``: exact orthogonality up to rounding, no extra dependency; the
     Lipschitz-layer libraries deel-torchlip and orthogonium would add one for layers this MLP does
     not need, and the certificate never trusts any of them: it bounds the stored weights by SVD);
-    a network with ``constrain()`` (the conv students, :mod:`gmcert.encoders.lipconv`) registers its
+    a network with ``constrain()`` (the conv students, :mod:`gmcert.networks.lipconv`) registers its
     own parametrisations instead. The student gets class centres in latent space (``centers``), what
     the margin objective and its predictions use.
     """
