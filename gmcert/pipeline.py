@@ -118,8 +118,9 @@ class Pipeline:
 
         return resize_record(card, image_hw)
 
-    def raw_latents(self, X, dataset_identity: str | None = None) -> np.ndarray:
-        """Encoder outputs ``(n, D)`` float64, before projection."""
+    def raw_latents(self, X, dataset_identity: str | None = None, dtype=np.float64) -> np.ndarray:
+        """Encoder outputs ``(n, D)`` float64, before projection (a card's float32 outputs kept as
+        they are with ``dtype=np.float32``: the streamed fit casts them batch by batch)."""
         if self.encoder_name == "none":
             X = np.asarray(X, dtype=np.float64)
             if X.ndim != 2:
@@ -137,7 +138,7 @@ class Pipeline:
             key = latent_cache_key(self.encoder, dataset_identity)
         Z = encode(self.encoder, X, batch_size=self.batch_size, device=self.device,
                    cache_dir=self.cache_dir, cache_key=key)
-        return Z.astype(np.float64)
+        return Z.astype(dtype, copy=False)
 
     def latents(self, X, dataset_identity: str | None = None) -> np.ndarray:
         """Head inputs ``z`` ``(n, d)`` float64: encoder then projection."""
@@ -160,11 +161,17 @@ class Pipeline:
         input (seeded by ``random_state``): Gaussian data augmentation, which makes the pipeline a
         better base classifier for randomized smoothing at that noise level (Cohen et al. train
         with the noise they certify with). Closed-form certificates stay exact for the fitted head.
+
+        A single-Gaussian head fitted without ``select`` or noise streams (:meth:`_fit_streamed`):
+        batched float64 sums, PCA from the streamed scatter, no ``(n, D)`` float64 matrix. EM (several
+        components per class), ``select`` (K folds) and noised copies keep every latent in memory.
         """
         from gmcert.encoders.projection import make_projection
 
         if noise_sigma < 0 or not np.isfinite(noise_sigma) or int(noise_copies) < 1:
             raise DataError(f"noise_sigma must be >= 0 and noise_copies >= 1, got {noise_sigma}, {noise_copies}")
+        if noise_sigma == 0 and not select and self.head.n_components_per_class == 1:
+            return self._fit_streamed(X, y, dataset_identity, distributed)
         Z, y = self._fit_latents(X, dataset_identity, distributed), np.asarray(y)
         if noise_sigma > 0:
             rng = np.random.default_rng(random_state)
@@ -188,7 +195,46 @@ class Pipeline:
         self.input_shape_ = tuple(np.shape(X)[1:])
         return self
 
-    def _fit_latents(self, X, dataset_identity, distributed):
+    def _fit_streamed(self, X, y, dataset_identity, distributed):
+        """The two-pass fit of :mod:`gmcert.latent.streaming`: PCA from the raw latents' streamed
+        mean and scatter, then the head from the projected latents' per-class sums. Equal to the
+        in-memory fit up to rounding (see :meth:`PCAProjection.fit_scatter` for repeated variances)."""
+        from gmcert.encoders.projection import make_projection
+        from gmcert.latent.streaming import class_statistics, total_moments
+
+        y = np.asarray(y)
+        if y.ndim != 1 or len(y) != len(X):
+            raise DataError(f"y must have shape ({len(X)},) to match the inputs, got {y.shape}")
+        batches = self._latent_batches(X, y, dataset_identity, distributed)
+        self.projection = make_projection(self.projection_kind,
+                                          None if self.projection_kind == "none" else self.n_components)
+        if self.projection_kind == "none":
+            self.projection.fit(next(iter(batches()))[0])  # reads the width and checks it
+        else:
+            self.projection.fit_scatter(*total_moments(batches))
+        self.head.fit_statistics(class_statistics(batches, np.unique(y), self.projection.transform))
+        self.selection_, self.input_shape_ = None, tuple(np.shape(X)[1:])
+        return self
+
+    def _latent_batches(self, X, y, dataset_identity, distributed):
+        """A callable giving ``(raw latents (b, D) float64, labels (b,))`` batch by batch, in row order.
+
+        Pixels and latents are cut from ``X`` batch by batch; a card encodes once (under torchrun
+        each rank its share, gathered), and its latents are kept in the encoder's float32."""
+        if self.encoder_name not in LINEAR_ENCODERS:
+            Z = self._fit_latents(X, dataset_identity, distributed, dtype=np.float32)
+            source, flat = Z, Z.shape[1:]
+        else:
+            source, flat = X, tuple(np.shape(X)[1:])
+            if len(np.shape(X)) != (2 if self.encoder_name == "none" else 4):
+                what = "latent inputs must have shape (n, d)" if self.encoder_name == "none" else \
+                    "images must have shape (N, C, H, W)"
+                raise DataError(f"{what}, got {tuple(np.shape(X))}")
+        from gmcert.latent.streaming import array_batches
+
+        return array_batches(source, y, int(np.prod(flat)))
+
+    def _fit_latents(self, X, dataset_identity, distributed, dtype=np.float64):
         """``raw_latents(X)``; under torchrun each rank encodes its batches (the batches one process
         forms, so the same bits) and every rank gets all rows, then fits the same model: gathering
         the latents serves every head (EM, shrinkage, PCA) where merged sufficient statistics would
@@ -197,7 +243,7 @@ class Pipeline:
 
         w = current()
         if not (distributed and w.active) or self.encoder_name in LINEAR_ENCODERS:
-            return self.raw_latents(X, dataset_identity)
+            return self.raw_latents(X, dataset_identity, dtype=dtype)
         mine = shard(np.arange(len(X)), w, block=self.batch_size)
         return all_gather_rows(mine, self.raw_latents(np.asarray(X)[mine]), len(X), w)
 

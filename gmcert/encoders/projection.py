@@ -57,12 +57,39 @@ class PCAProjection:
                             f"[1, {min(n, d)}], got {k!r}")
         self.mean_ = Z.mean(axis=0)
         _, s, vt = np.linalg.svd(Z - self.mean_, full_matrices=False)
-        rows = vt[:k]
+        self._set_rows(vt[:k], s[:k] ** 2 / max(n - 1, 1), d)
+        return self
+
+    def fit_scatter(self, n_samples, mean, scatter) -> PCAProjection:
+        """Fit from the moments of ``n_samples`` latents: their ``mean (d,)`` and ``scatter (d, d)``
+        ``sum (z - mean)(z - mean)^T``, e.g. summed over a stream of batches in float64.
+
+        The eigenvectors of the covariance ``scatter / (n - 1)`` are the right singular vectors of
+        the centred data, so this is :meth:`fit` without the ``(n, d)`` matrix: equal to it up to
+        rounding wherever the top ``k`` variances are separated (within a repeated variance any
+        orthonormal basis of its eigenspace is a principal basis, and the two may pick different ones).
+        """
+        n, mean = int(n_samples), np.asarray(mean, dtype=np.float64)
+        scatter = np.asarray(scatter, dtype=np.float64)
+        d, k = len(mean), self.n_components
+        if scatter.shape != (d, d) or not (np.all(np.isfinite(mean)) and np.all(np.isfinite(scatter))):
+            raise DataError(f"mean (d,) and scatter (d, d) must be finite, got shapes {mean.shape}, {scatter.shape}")
+        if not isinstance(k, (int, np.integer)) or not 1 <= k <= min(n, d):
+            raise DataError(f"n_components must be an int in [1, min(n_samples, n_features)] = "
+                            f"[1, {min(n, d)}], got {k!r}")
+        variance, vectors = np.linalg.eigh((scatter + scatter.T) / (2 * max(n - 1, 1)))
+        order = np.argsort(variance, kind="stable")[::-1][:k]
+        self.mean_ = mean
+        self._set_rows(vectors[:, order].T, np.maximum(variance[order], 0.0), d)
+        return self
+
+    def _set_rows(self, rows, variance, d):
+        """Orthonormal ``rows (k, d)``, the sign making each row's largest absolute entry positive."""
+        k = len(rows)
         signs = np.sign(rows[np.arange(k), np.argmax(np.abs(rows), axis=1)])
         self.components_ = rows * np.where(signs == 0, 1.0, signs)[:, None]
-        self.explained_variance_ = s[:k] ** 2 / max(n - 1, 1)
+        self.explained_variance_ = variance
         self.n_features_in_ = d
-        return self
 
     def transform(self, Z) -> np.ndarray:
         """Project ``Z`` (n, d) -> (n, k) float64."""

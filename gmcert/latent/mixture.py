@@ -86,6 +86,31 @@ class GaussianMixtureClassifier(ClassifierMixin, BaseEstimator):
             self._fit_components(Z, self.statistics_.class_indices(y))
         return self
 
+    def fit_statistics(self, statistics):
+        """Fit from per-class :class:`SufficientStatistics` of latents (taken in a stream, e.g. by
+        ``gmcert.pipeline``'s batched fit) instead of the latents themselves; returns self.
+
+        The same estimate as :meth:`fit` on the data the statistics were taken from, up to the
+        rounding of the sums: every single-component head (each covariance type, each shrinkage,
+        Ledoit-Wolf's from the quartic sums) is a function of them. Several components per class
+        need EM over the data, and raise ValueError here.
+        """
+        self._check_params()
+        if self.n_components_per_class != 1:
+            raise ValueError("fit_statistics needs n_components_per_class=1 (EM needs all data in memory)")
+        if not isinstance(statistics, SufficientStatistics):
+            raise DataError(f"statistics must be a SufficientStatistics, got {type(statistics).__name__}")
+        if len(statistics.classes) < 2:
+            raise DataError(f"y: needs at least 2 classes, got {len(statistics.classes)} class")
+        arrays = (statistics.count, statistics.reference, statistics.sum, statistics.outer,
+                  statistics.cubic, statistics.quartic)
+        if not all(np.all(np.isfinite(a)) for a in arrays):
+            raise DataError("statistics contain NaN or inf")
+        self.n_features_in_ = int(statistics.reference.shape[1])
+        self.statistics_, self.classes_ = statistics, statistics.classes
+        self._estimate(statistics)
+        return self
+
     def partial_fit(self, Z, y, classes=None):
         """Add a chunk of data; parameters are re-estimated once every class has 2 samples.
 
