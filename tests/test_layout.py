@@ -18,7 +18,7 @@ LAYERS = {
     "gmcert.data": 2, "gmcert.networks": 2.1, "gmcert.bounds": 2.2, "gmcert.encoders": 2.3, "gmcert.head": 2.3,
     "gmcert.smoothing.smoother": 2.4, "gmcert.smoothing.srs": 2.4,
     "gmcert.distributed": 2, "gmcert.distributed.rows": 3,
-    "gmcert.pipeline": 3, "gmcert.modeldir": 3, "gmcert.report": 3,
+    "gmcert.pipeline": 3, "gmcert.closed_form": 3, "gmcert.modeldir": 3, "gmcert.report": 3,
     "gmcert.hybrid": 4, "gmcert.compare": 4, "gmcert.inputs": 4, "gmcert.train": 4, "gmcert.train.command": 5,
     "gmcert.cli": 5, "gmcert.__main__": 5,
 }
