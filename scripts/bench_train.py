@@ -16,6 +16,11 @@ vs the baseline at r = 0.25 and 0.5 and in ACR; CRT's ACR and compute against co
 (student forward-backward samples plus teacher forward samples at 1/3 of a forward-backward, and
 wall time); latent shaping's scale-free held-out Gaussian NLL of noisy latents per class and its
 clean accuracy. Usage: ``python scripts/bench_train.py`` (about 15 minutes on 2 cores).
+
+``--throughput`` measures instead what a ``gmcert train`` epoch costs against a plain PyTorch loop
+over the same network (LeNet-5, ``--arch lenet``), batch size, optimizer and data (default
+``fashion-mnist:train``, the rows ``gmcert train`` trains on after its 25% hold-out), interleaved in
+the same run: see :mod:`bench_throughput` (``scripts/bench_throughput.py``).
 """
 from __future__ import annotations
 
@@ -107,7 +112,15 @@ def main(argv=None) -> int:
                         help="CRT's epochs (12 of consistency's 30: under a third of its compute)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/bench-train")
-    args = parser.parse_args(argv)
+    parser.add_argument("--throughput", action="store_true",
+                        help="time a gmcert train epoch against a plain PyTorch loop (LeNet, Fashion-MNIST) instead")
+    args, rest = parser.parse_known_args(argv)
+    if args.throughput:
+        from bench_throughput import main as throughput
+
+        return throughput(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     out = Path(args.out)
     inputs = load_inputs({"data": "digits"}, channels=1)
     train, test = fit_split(inputs.labels, 0.25, 0)

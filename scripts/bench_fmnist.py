@@ -1,0 +1,203 @@
+"""Benchmark: Fashion-MNIST certified accuracy, gmcert's rows beside the published ones.
+
+The published protocol (issue 26): Cohen et al.'s CERTIFY with n0 = 100, n = 100,000, alpha =
+0.001, LeNet bases, on every 20th test image (500; ``--full``: all 10,000). Columns: certified
+accuracy at r = 0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0 (each with its binomial standard error
+sqrt(p (1 - p) / m), m the images), ACR, the base's clean accuracy, forward passes and seconds per
+input. Rows (this first version):
+
+* ``gaussian-0.25``    a LeNet trained by ``gmcert train --arch lenet`` (Gaussian, sigma 0.25) on the
+                       training split, which holds out 25% as the validation split its per-epoch
+                       curves are measured on (the test images are never seen before certification);
+                       smoothed by Cohen's CERTIFY (``gmcert compare``'s ``cohen`` method).
+* ``sequential-0.25``  the same base through the sequential engine in radius mode (``compare``'s
+                       ``sequential``: at most n draws, radii capped at 2 sigma).
+* ``identity-exact``   the closed-form head on raw pixels (``gmcert fit --encoder identity``: PCA 64,
+                       one pass, exact radii).
+
+Every row is one ``gmcert.compare.run_compare`` run in ``<out>/<row>/``: Cohen-format TSVs (idx
+label predict radius correct time, then gmcert's columns), resumed row by row; a row whose TSV
+already holds every image is not rerun. ``<out>/certified_accuracy.png`` draws every row's curve.
+Small runs: ``--limit 20 --n 1000 --epochs 2``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gmcert.compare import CompareConfig, run_compare
+from gmcert.inputs import load_inputs
+from gmcert.report import parse_seconds, plot_certified_accuracy, read_tsv
+
+RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0]
+#: Certified accuracy (%) at r = 0.25 / 0.5 / 0.75 / 1.0 / 1.5 / 2.0 (None: not published). Source: the
+#: CAT-RS authors' per-image certification logs (LeNet; Cohen's CERTIFY, n0 = 100, n = 100,000,
+#: alpha = 0.001), as quoted in gmcert's issue 26 (and docs/BRIEF.md, section 15). ``full``: all
+#: 10,000 test images; ``subset``: the 500 whose index is a multiple of 20, from the same logs.
+PUBLISHED = {
+    "full": {
+        "Gaussian sigma 0.25": [82.0, 70.8, 57.7, None, None, None],
+        "Consistency sigma 0.25": [84.7, 78.8, 71.2, None, None, None],
+        "Gaussian sigma 0.5": [80.7, 73.2, 64.8, 55.5, 35.0, None],
+        "CAT-RS sigma 0.5": [79.6, 76.2, 72.4, 67.8, 56.7, None],
+        "best published, any sigma": [84.7, 79.8, 75.2, 67.8, 56.7, 43.2],
+    },
+    "subset": {
+        "Gaussian sigma 0.25": [81.8, 72.2, 58.6, None, None, None],
+        "Consistency sigma 0.25": [84.8, 78.6, 72.0, None, None, None],
+        "CAT-RS sigma 0.25": [82.8, 79.8, 75.4, None, None, None],
+        "Gaussian sigma 0.5": [81.2, 74.6, 66.0, 56.8, 39.4, None],
+        "CAT-RS sigma 0.5": [79.0, 76.6, 74.2, 71.4, 59.8, None],
+    },
+}
+
+
+def test_images(args):
+    """The certified images: every 20th test image (or all with ``--full``), the first ``--limit``."""
+    inputs = load_inputs({"data": "fashion-mnist:test"}, channels=1, root=args.data_root)
+    index = np.arange(len(inputs.labels)) if args.full else np.arange(0, len(inputs.labels), 20)
+    if args.limit is not None:
+        index = index[: args.limit]
+    return inputs.x[index], inputs.labels[index], index
+
+
+def gaussian_model(args, sigma):
+    """The Gaussian-trained LeNet, trained once into ``<out>/models/`` (a killed run resumes)."""
+    from gmcert.pipeline import Pipeline
+    from gmcert.train import TrainConfig, train_model
+
+    path = Path(args.out) / "models" / f"lenet-gaussian-{sigma}"
+    if (path / "pipeline.json").exists():
+        return Pipeline.load(path)
+    config = TrainConfig(method="gaussian", sigma=sigma, epochs=args.epochs, seed=args.seed)
+    start = time.perf_counter()
+    pipeline, record = train_model(path, data="fashion-mnist:train", encoder="lenet", config=config,
+                                   limit=args.train_limit, data_root=args.data_root)
+    print(f"trained {path.name} in {time.perf_counter() - start:.0f} s; validation split (held-out training "
+          f"rows): network clean {record['network']['clean_accuracy']:.3f}, noisy "
+          f"{record['network']['noisy_accuracy']:.3f}", flush=True)
+    return pipeline
+
+
+def identity_model(args):
+    """The closed-form head on raw pixels, ``gmcert fit --encoder identity`` (PCA 64)."""
+    from gmcert.pipeline import Pipeline
+
+    path = Path(args.out) / "models" / "identity"
+    if (path / "pipeline.json").exists():
+        return Pipeline.load(path)
+    train = load_inputs({"data": "fashion-mnist:train"}, channels=1, limit=args.train_limit, root=args.data_root)
+    pipeline = Pipeline(encoder="identity", projection="pca", n_components=64)
+    pipeline.fit(train.x, train.labels, dataset_identity=train.identity)
+    pipeline.save(path)
+    return pipeline
+
+
+#: row name -> (model builder, compare method, sigma)
+ROWS = {
+    "gaussian-0.25": (lambda a: gaussian_model(a, 0.25), "cohen", 0.25),
+    "sequential-0.25": (lambda a: gaussian_model(a, 0.25), "sequential", 0.25),
+    "identity-exact": (identity_model, "gm-exact", 0.25),
+}
+
+
+def complete(folder: Path, index) -> bool:
+    tsvs = list(folder.glob("*.tsv"))
+    return bool(tsvs) and all({int(r["idx"]) for r in read_tsv(t)} >= {int(i) for i in index} for t in tsvs)
+
+
+def run_row(name, args, x, labels, index) -> dict:
+    """One row: its compare run (skipped when its TSV is complete), read back as figures."""
+    build, method, sigma = ROWS[name]
+    folder = Path(args.out) / name
+    config = CompareConfig(methods=[method], sigma=sigma, alpha=args.alpha, radii=RADII, cohen_n=[args.n],
+                           n0=args.n0, max_samples=args.n, seed=args.seed, batch_size=args.batch_size)
+    pipeline = build(args)
+    if complete(folder, index):
+        print(f"{name}: complete in {folder}, not rerun", flush=True)
+    else:
+        run_compare(pipeline, x, labels, index, folder, config)
+    tsv = folder / f"{config.method_names()[0]}.tsv"
+    wanted = {int(i) for i in index}
+    rows = [r for r in read_tsv(tsv) if int(r["idx"]) in wanted]
+    return {"rows": rows, "clean": float(np.mean(pipeline.predict(x, arithmetic="fast") == labels)), "tsv": tsv}
+
+
+def figures(rows) -> dict:
+    """Certified accuracy per radius (sound radii: every kind here is exact, bound or probabilistic),
+    its binomial standard error, ACR, forward passes and seconds per input."""
+    m = len(rows)
+    radius = np.array([float(r["radius"]) if r.get("radius_kind", "probabilistic") != "estimate" else 0.0
+                       for r in rows])
+    correct = np.array([int(r["correct"]) for r in rows], dtype=bool)
+    acc = np.array([np.mean(correct & (radius >= t)) for t in RADII])
+    return {"acc": acc, "se": np.sqrt(acc * (1 - acc) / m), "acr": float(np.mean(np.where(correct, radius, 0.0))),
+            "passes": float(np.mean([float(r.get("samples", 1)) for r in rows])),
+            "seconds": float(np.mean([parse_seconds(r["time"]) for r in rows]))}
+
+
+def table(results, args, m) -> str:
+    head = "| row | " + " | ".join(f"r={r}" for r in RADII) + " | ACR | clean | passes/input | s/input |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, res in results.items():
+        f = res["figures"]
+        cells = " | ".join(f"{100 * a:.1f} ± {100 * s:.1f}" for a, s in zip(f["acc"], f["se"]))
+        lines.append(f"| gmcert {name} | {cells} | {f['acr']:.3f} | {100 * res['clean']:.1f} | "
+                     f"{f['passes']:.0f} | {f['seconds']:.3f} |")
+    which = "full" if args.full and args.limit is None else "subset"
+    for name, values in PUBLISHED[which].items():
+        cells = " | ".join("–" if v is None else f"{v:.1f}" for v in [None, *values])
+        lines.append(f"| published {name} | {cells} | – | – | {100_000 + 100} | – |")
+    note = (f"{m} test images ({'all' if args.full else 'every 20th'}{', first ' + str(args.limit) if args.limit else ''}); "
+            f"Cohen CERTIFY n0 = {args.n0}, n = {args.n}, alpha = {args.alpha}. Published rows: the CAT-RS "
+            f"authors' per-image logs ({'all 10,000 images' if which == 'full' else 'the 500 images with index % 20 == 0'}"
+            f"), n = 100,000. ± is the binomial standard error over images.")
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="all 10,000 test images (default every 20th: 500)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N of those images")
+    parser.add_argument("--n", type=int, default=100_000, help="Cohen's n, and the sequential engine's cap")
+    parser.add_argument("--n0", type=int, default=100)
+    parser.add_argument("--alpha", type=float, default=0.001)
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default all: {','.join(ROWS)})")
+    parser.add_argument("--epochs", type=int, default=30, help="the Gaussian base's epochs (gmcert train's default)")
+    parser.add_argument("--train-limit", type=int, default=None, help="train and fit on the first N training images")
+    parser.add_argument("--batch-size", type=int, default=1000, help="noisy samples per forward call")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/bench-fmnist")
+    args = parser.parse_args(argv)
+    names = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in names if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    began = time.perf_counter()
+    x, labels, index = test_images(args)
+    results = {}
+    for name in names:
+        results[name] = run_row(name, args, x, labels, index)
+        results[name]["figures"] = figures(results[name]["rows"])
+    text = table(results, args, len(index))
+    print("\n" + text)
+    out = Path(args.out)
+    (out / "summary.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps(
+        {name: {"tsv": str(r["tsv"]), "clean": r["clean"], "radii": RADII,
+                **{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r["figures"].items()}}
+         for name, r in results.items()}, indent=2) + "\n")
+    plot_certified_accuracy({name: (RADII, r["figures"]["acc"].tolist()) for name, r in results.items()},
+                            out / "certified_accuracy.png", title=f"Fashion-MNIST, {len(index)} test images, n = {args.n}")
+    print(f"wrote {out}/summary.md, summary.json, certified_accuracy.png; took {time.perf_counter() - began:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
