@@ -353,3 +353,23 @@ def test_a_killed_train_command_resumes_to_the_uninterrupted_weights(card, tmp_p
     assert [k for k in whole if not torch.equal(resumed[k], whole[k])] == []
     history = json.loads((out / "train.json").read_text())["history"]
     assert [h["epoch"] for h in history] == list(range(1, 81))
+
+
+def test_the_per_epoch_curve_watches_evenly_spaced_held_out_rows(card):
+    """The curve is measured on ``monitor`` evenly spaced held-out rows (the rest cost a third of an
+    epoch), and on every row with ``monitor=None``."""
+    images, labels = _tensors(64)
+    held_x, held_y = _tensors(60, seed=1)
+    watched = torch.linspace(0, 59, 7).round().long()
+    marked = torch.full_like(held_y, -1)  # a label no prediction equals, except on the watched rows
+    marked[watched] = held_y[watched]
+    config = TrainConfig(epochs=4, batch_size=16)
+    student = _student(card)
+    point = train_network(student, images, labels, config, held_out=(held_x, marked), monitor=7,
+                          progress=False)["history"][-1]
+    expected = evaluate(student, held_x[watched], held_y[watched], config.sigma, seed=config.seed + 40_000)
+    assert (point["clean_accuracy"], point["noisy_accuracy"]) == expected
+    assert expected[0] > 0.5  # the check above compares something
+    every = train_network(_student(card), images, labels, config, held_out=(held_x, marked), monitor=None,
+                          progress=False)["history"][-1]
+    assert every["clean_accuracy"] <= 7 / 60
