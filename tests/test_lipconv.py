@@ -233,6 +233,8 @@ def test_card_round_trip_keeps_predictions_and_bound_and_refuses_changed_weights
     encoder.network.constrain()
     for layer in encoder.network.lipschitz_layers():
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+        # contiguous, as the file is: a transposed view of the same numbers convolves with other rounding
+        layer.weight = nn.Parameter(layer.weight.detach().contiguous())
     weights = tmp_path / "encoder.safetensors"
     save_file({k: v.detach().contiguous() for k, v in encoder.network.state_dict().items()}, str(weights))
     trained = replace(card, num_classes=0)
@@ -270,3 +272,28 @@ def test_train_picks_the_conv_student_above_8x8_and_certifies_from_its_stored_we
     assert record["network"]["clean_accuracy"] > 0.6  # six epochs on 225 images: learning, not chance (0.1)
     certs = pipeline.certify(x[:20].numpy())
     assert all(c.radius >= 0 for c in certs) and any(c.radius > 0 for c in certs)
+
+
+def test_width_and_depth_choose_the_student_and_the_model_records_them(tmp_path, capsys):
+    """``gmcert train --width --depth`` build that conv student; the saved card records them, so the
+    loaded model is that network; a card whose constructor takes neither is refused (exit 2)."""
+    from gmcert.cli import main
+    from gmcert.pipeline import Pipeline
+
+    rng = np.random.default_rng(0)
+    y = np.arange(120) % 3
+    x = np.clip(0.5 + 0.3 * (y[:, None, None, None] - 1) + 0.05 * rng.normal(size=(120, 1, 12, 12)), 0, 1)
+    np.savez(tmp_path / "d.npz", x=x.astype(np.float32), y=y)
+    out = tmp_path / "m"
+    assert main(["train", "--student", "lipschitz", "--data", str(tmp_path / "d.npz"), "--width", "4",
+                 "--depth", "1", "--max-steps", "2", "--device", "cpu", "--out", str(out)]) == 0
+    assert "model_args = {width = 4, depth = 1}" in (out / "encoder.toml").read_text()
+    network = Pipeline.load(out).encoder.network
+    convs = [m for m in network.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and convs[0].out_channels == 4
+    default = LipschitzConvNet(in_chans=1, num_classes=0, width=16, depth=2)
+    assert sum(p.numel() for p in network.parameters()) < sum(p.numel() for p in default.parameters())
+    capsys.readouterr()
+    assert main(["train", "--data", str(tmp_path / "d.npz"), "--width", "4", "--max-steps", "1",
+                 "--device", "cpu", "--out", str(tmp_path / "cnn")]) == 2
+    assert "takes no --width" in capsys.readouterr().err and not (tmp_path / "cnn").exists()

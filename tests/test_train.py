@@ -373,3 +373,28 @@ def test_the_per_epoch_curve_watches_evenly_spaced_held_out_rows(card):
     every = train_network(_student(card), images, labels, config, held_out=(held_x, marked), monitor=None,
                           progress=False)["history"][-1]
     assert every["clean_accuracy"] <= 7 / 60
+
+
+def test_max_steps_and_time_budget_end_the_run(card, tmp_path):
+    """``--max-steps`` stops at that many optimizer steps, mid-epoch if need be, and the model is
+    written; ``--time-budget`` stops once the loop's seconds reach it (here after one step)."""
+    from gmcert.train.loop import epoch_lr, finished
+
+    images, labels = _tensors(64)  # 4 steps an epoch at batch 16
+    config = TrainConfig(epochs=10, batch_size=16, max_steps=6)
+    record = train_network(_student(card), images, labels, config, progress=False)
+    assert (record["steps"], record["epochs_done"]) == (6, 2) and finished(config, record)
+    assert epoch_lr(config, 1, steps=4) == pytest.approx(0.5 * config.lr * (1 + np.cos(np.pi * 4 / 6)))
+    quick = TrainConfig(epochs=10, batch_size=16, time_budget=1e-9)
+    record = train_network(_student(card), images, labels, quick, progress=False)
+    assert (record["steps"], record["epochs_done"]) == (1, 1)
+    unlimited = train_network(_student(card), images, labels, TrainConfig(epochs=2, batch_size=16), progress=False)
+    assert unlimited["steps"] == 8
+    out = tmp_path / "m"
+    x, y = _templates(80)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    assert main(["train", "--data", str(tmp_path / "data.npz"), "--encoder", str(card), "--max-steps", "3",
+                 "--batch-size", "16", "--device", "cpu", "--out", str(out)]) == 0
+    assert json.loads((out / "train.json").read_text())["steps"] == 3
+    with pytest.raises(DataError, match="max_steps"):
+        TrainConfig(max_steps=0)

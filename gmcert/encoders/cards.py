@@ -74,6 +74,9 @@ class EncoderCard:
     #: the data's size, from ``min_size`` px up, instead of resizing the data to ``input_size``
     native_size: bool = False
     min_size: int = 1
+    #: keyword arguments of the architecture's constructor (``timm.create_model``), such as a conv
+    #: student's ``width`` and ``depth`` (``gmcert train --width --depth``); recorded in the model
+    model_args: dict = field(default_factory=dict)
 
     def __post_init__(self):
         where = self.path or self.name
@@ -93,7 +96,7 @@ class EncoderCard:
         """JSON-ready description (for cache keys and model metadata); ``path`` left out."""
         out = asdict(self)
         out.pop("path")
-        for key, default in (("native_size", False), ("min_size", 1)):  # absent at their defaults: older
+        for key, default in (("native_size", False), ("min_size", 1), ("model_args", {})):  # absent at their defaults: older
             if out[key] == default:                                      # models' descriptions stay true
                 out.pop(key)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
@@ -122,7 +125,8 @@ def card_from_toml(path) -> EncoderCard:
                        num_classes=int(raw.get("num_classes", 1000)),
                        weights=dict(raw.get("weights", {"source": "none"})),
                        description=raw.get("description", ""), path=str(path),
-                       native_size=bool(raw.get("native_size", False)), min_size=int(raw.get("min_size", 1)))
+                       native_size=bool(raw.get("native_size", False)), min_size=int(raw.get("min_size", 1)),
+                       model_args=dict(raw.get("model_args", {})))
 
 
 def card_from_timm(model_name: str) -> EncoderCard:
@@ -246,8 +250,9 @@ def _package_weights_file(card: EncoderCard) -> str:
 
 
 def _size_kwargs(card: EncoderCard) -> dict:
-    """``img_size`` for an architecture built at the card's input size (``native_size`` cards)."""
-    return {"img_size": tuple(card.input_size[1:])} if card.native_size else {}
+    """The constructor's keywords: the card's ``model_args``, and ``img_size`` for an architecture
+    built at the card's input size (``native_size`` cards)."""
+    return {**card.model_args, **({"img_size": tuple(card.input_size[1:])} if card.native_size else {})}
 
 
 def _build(card: EncoderCard, pretrained: bool):

@@ -146,6 +146,7 @@ class LipschitzConvNet(TimmModel):
         if int(width) < 2 or int(width) % 2 or int(depth) < 0 or int(stages) < 0:
             raise ValueError(f"width must be even and >= 2, depth and stages >= 0; got {width}, {depth}, {stages}")
         conv = dict(kernel_size=3, padding=1, padding_mode=padding_mode)
+        self.model_args = {"width": int(width), "depth": int(depth)}  # what --width and --depth chose
         c = int(width)
         layers = [nn.Conv2d(int(in_chans), c, **conv), GroupSort()]
         for _ in range(int(stages)):

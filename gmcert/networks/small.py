@@ -112,6 +112,7 @@ class LipschitzMLP(TimmModel):
     def __init__(self, in_chans=1, num_classes=1000, in_pixels=64, width=256, depth=3, latent_dim=64):
         super().__init__()
         self.flatten = nn.Flatten()
+        self.model_args = {"width": int(width), "depth": int(depth)}  # what --width and --depth chose
         layers, previous = [], in_chans * in_pixels
         for _ in range(depth):
             layers += [nn.Linear(previous, width), GroupSort()]
@@ -135,10 +136,12 @@ class LipschitzMLP(TimmModel):
 
 
 @register_model
-def gmcert_lipmlp(pretrained=False, in_chans=1, num_classes=1000, img_size=(8, 8), **_timm_kwargs):
-    """1xHxW (default 8x8) -> 256 -> 256 -> 256 -> 64 latents, 1-Lipschitz when trained by
-    `gmcert train --student lipschitz`."""
-    model = LipschitzMLP(in_chans=in_chans, num_classes=num_classes, in_pixels=int(img_size[0]) * int(img_size[1]))
+def gmcert_lipmlp(pretrained=False, in_chans=1, num_classes=1000, img_size=(8, 8), width=256, depth=3,
+                  **_timm_kwargs):
+    """1xHxW (default 8x8) -> 256 -> 256 -> 256 -> 64 latents (``width``, ``depth``), 1-Lipschitz
+    when trained by `gmcert train --student lipschitz`."""
+    model = LipschitzMLP(in_chans=in_chans, num_classes=num_classes, in_pixels=int(img_size[0]) * int(img_size[1]),
+                         width=int(width), depth=int(depth))
     return built(model, "gmcert_lipmlp", pretrained, in_chans, 1.0, "train it with `gmcert train --student lipschitz`")
 
 

@@ -28,6 +28,9 @@ def add_train_args(sub, default_out: str):
                             "or timm:<model>")
     train.add_argument("--arch", default=None, help="the base architecture, an alias of --encoder: lenet (LeNet-5, "
                                                     "the published Fashion-MNIST rows' base), gmcert_cnn, ...")
+    train.add_argument("--width", type=int, default=None,
+                       help="a conv student's channels in its first stage (even; small 16, medium 32)")
+    train.add_argument("--depth", type=int, default=None, help="a conv student's convs per stage (default 2)")
     train.add_argument("--input-size", type=int, default=None,
                        help="pixels the encoder works at (default: the data's own size for gmcert's networks; "
                             "a pretrained card's size, at most 4x the data's; any resize is printed with its norm)")
@@ -44,6 +47,10 @@ def add_train_args(sub, default_out: str):
     train.add_argument("--consistency-weight", type=float, default=10.0, help="consistency: lambda")
     train.add_argument("--crt-weight", type=float, default=1.0, help="crt: w of the logit distance (1 - w: CE)")
     train.add_argument("--epochs", type=int, default=None, help="default 30 (100 for --student lipschitz)")
+    train.add_argument("--max-steps", type=int, default=None,
+                       help="stop after this many optimizer steps (the cosine schedule ends there)")
+    train.add_argument("--time-budget", type=float, default=None,
+                       help="stop after this many seconds of training (the schedule follows the clock)")
     train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--lr", type=float, default=3e-3,
                        help="AdamW learning rate, cosine decay (default 3e-3; fine-tuning a pretrained encoder wants less)")
@@ -74,14 +81,19 @@ def cmd_train(args) -> int:
                          distill_weight=args.distill_weight, epochs=args.epochs, batch_size=args.batch_size,
                          lr=args.lr, copies=args.copies, consistency_weight=args.consistency_weight,
                          crt_weight=args.crt_weight, shape_latents=args.shape_latents, shape_weight=args.shape_weight,
-                         head_copies=args.head_copies, seed=args.seed, amp=args.amp)
+                         head_copies=args.head_copies, seed=args.seed, amp=args.amp, max_steps=args.max_steps,
+                         time_budget=args.time_budget)
     print(f"training {args.encoder or 'a Lipschitz student'} on {args.data} by {args.method}"
           f"{'' if lipschitz else f' at sigma={args.sigma}'}"
-          f"{' with latent shaping' if args.shape_latents else ''} for {args.epochs} epochs", file=sys.stderr)
+          f"{' with latent shaping' if args.shape_latents else ''} for {args.epochs} epochs"
+          f"{f', at most {args.max_steps} steps' if args.max_steps else ''}"
+          f"{f', at most {args.time_budget:g} s' if args.time_budget else ''}", file=sys.stderr)
     pipeline, record = train_model(args.out, data=args.data, encoder=args.encoder, input_size=args.input_size,
                                    config=config, teacher=args.teacher, pretrained=False if args.no_pretrained else None,
                                    n_components=args.dim, test_size=args.test_size, device=args.device,
-                                   limit=args.limit, data_root=args.data_root)
+                                   limit=args.limit, data_root=args.data_root,
+                                   model_args={k: v for k, v in (("width", args.width), ("depth", args.depth))
+                                               if v is not None})
     if pipeline is None:  # a rank other than 0 of a torchrun job: rank 0 reports
         return 0
     last, network, head = record["history"][-1], record["network"], record["head"]

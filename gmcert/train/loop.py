@@ -59,6 +59,8 @@ class TrainConfig:
     student: str = "standard"
     margin: float = 0.75
     distill_weight: float = 1.0
+    max_steps: int | None = None
+    time_budget: float | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -82,6 +84,10 @@ class TrainConfig:
         if not (math.isfinite(self.margin) and self.margin > 0 and math.isfinite(self.distill_weight)
                 and self.distill_weight >= 0):
             raise DataError(f"margin must be > 0 and distill_weight >= 0, got {self.margin}, {self.distill_weight}")
+        if self.max_steps is not None and int(self.max_steps) < 1:
+            raise DataError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.time_budget is not None and not (math.isfinite(self.time_budget) and self.time_budget > 0):
+            raise DataError(f"time_budget must be a positive number of seconds, got {self.time_budget}")
         if not 0 <= self.crt_weight <= 1:
             raise DataError(f"crt_weight must be in [0, 1], got {self.crt_weight}")
 
@@ -126,9 +132,24 @@ def _generator(device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
-def epoch_lr(config: TrainConfig, epoch: int) -> float:
-    """Cosine decay from ``lr`` to 0 over the run."""
-    return 0.5 * config.lr * (1 + math.cos(math.pi * epoch / config.epochs))
+def run_fraction(config: TrainConfig, epoch: int, steps: int = 0, seconds: float = 0.0) -> float:
+    """How far along the run is: the largest of the epochs', steps' and seconds' shares of their limits."""
+    shares = [epoch / config.epochs]
+    if config.max_steps is not None:
+        shares.append(steps / config.max_steps)
+    if config.time_budget is not None:
+        shares.append(seconds / config.time_budget)
+    return max(shares)
+
+
+def epoch_lr(config: TrainConfig, epoch: int, steps: int = 0, seconds: float = 0.0) -> float:
+    """Cosine decay from ``lr`` to 0 over the run (:func:`run_fraction`)."""
+    return 0.5 * config.lr * (1 + math.cos(math.pi * min(1.0, run_fraction(config, epoch, steps, seconds))))
+
+
+def finished(config: TrainConfig, record: dict) -> bool:
+    """Whether the run is over: its epochs done, or its steps or time budget spent."""
+    return run_fraction(config, record["epochs_done"], record.get("steps", 0), record["compute"]["seconds"]) >= 1
 
 
 def _batch_loss(student, forward, teacher, x, y, config, generator, counts):
@@ -165,6 +186,19 @@ def _batch_loss(student, forward, teacher, x, y, config, generator, counts):
     if config.shape_latents:
         loss = loss + config.shape_weight * shaping_penalty(h.float(), labels)
     return loss
+
+
+def _out_of_time(config, seconds_before, start, w, device) -> bool:
+    """Whether the time budget is spent; under torchrun rank 0's clock decides for every rank (so that
+    all take the same number of steps, as DDP's all-reduce needs)."""
+    spent = seconds_before + time.perf_counter() - start >= config.time_budget
+    if not w.active:
+        return spent
+    import torch.distributed as dist
+
+    flag = torch.tensor([float(spent)], device=device if device.type == "cuda" else "cpu")
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _reduce(total, counts, device, w):
@@ -239,7 +273,7 @@ def train_network(student, images, labels, config: TrainConfig, teacher=None, ch
         raise DataError("crt needs a teacher (--teacher MODEL): a gmcert model or torch classifier")
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     run = {"config": config.as_dict(), "identity": identity or {}}
-    record = {**run, "epochs_done": 0, "history": [],
+    record = {**run, "epochs_done": 0, "steps": 0, "history": [],
               "compute": {"student_forward_backward": 0, "teacher_forward": 0, "seconds": 0.0}}
     if checkpoint is not None and checkpoint.is_file():
         saved = load_checkpoint(checkpoint, student, optimizer)
@@ -270,15 +304,16 @@ def _epochs(student, teacher, images, labels, config, optimizer, record, held_ou
     if device.type == "cuda":  # the data once on the device, not one host-to-device copy per batch
         images, labels = images.to(device), labels.to(device)
     done_here = 0
-    while record["epochs_done"] < config.epochs and (stop_after is None or done_here < stop_after):
+    while not finished(config, record) and (stop_after is None or done_here < stop_after):
         epoch = record["epochs_done"]
+        steps_before, seconds_before = record.get("steps", 0), record["compute"]["seconds"]
         start, counts = time.perf_counter(), {"student_forward_backward": 0, "teacher_forward": 0}
         torch.manual_seed(config.seed * 1_000_003 + epoch)  # dropout and anything else on the global stream
         # each rank its own noise (the same for every rank would correlate the global batch)
         generator = _generator(device, config.seed * 1_000_003 + epoch + 7_919_000_000 * w.rank)
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed * 7919 + epoch))
         for group in optimizer.param_groups:
-            group["lr"] = epoch_lr(config, epoch)
+            group["lr"] = epoch_lr(config, epoch, steps_before, seconds_before)
         student.train()
         # the losses stay on the device and are read once per epoch: no host sync per step
         total, batches = torch.zeros((), dtype=torch.float64, device=device), 0
@@ -286,6 +321,10 @@ def _epochs(student, teacher, images, labels, config, optimizer, record, held_ou
             index = order[begin:begin + config.batch_size]
             if len(index) < 2 * w.size and begin > 0:
                 break  # BatchNorm needs two samples on every rank; the remainder is that small
+            if config.max_steps is not None and steps_before + batches >= config.max_steps:
+                break
+            if config.time_budget is not None and batches and _out_of_time(config, seconds_before, start, w, device):
+                break
             index = index[w.rank::w.size]  # this rank's slice of the global batch
             x, y = images[index.to(images.device)].to(device), labels[index.to(labels.device)].to(device)
             with autocast():
@@ -307,6 +346,7 @@ def _epochs(student, teacher, images, labels, config, optimizer, record, held_ou
             record["compute"][key] += counts[key]
         record["compute"]["seconds"] += seconds
         record["epochs_done"] = epoch + 1
+        record["steps"] = steps_before + batches
         if checkpoint is not None and w.main:
             save_checkpoint(checkpoint, student, optimizer, record)
         if w.active:

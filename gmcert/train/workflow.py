@@ -19,7 +19,7 @@ import torch
 
 from gmcert.atomic import check_folder_target
 from gmcert.errors import DataError
-from gmcert.train.loop import TrainConfig, evaluate, train_network
+from gmcert.train.loop import TrainConfig, evaluate, finished, train_network
 
 CHECKPOINT = "checkpoint.safetensors"
 #: the head of a margin-trained student: one isotropic covariance shared by all classes (tied, shrunk
@@ -32,13 +32,16 @@ MARGIN_HEAD = {"covariance_type": "tied", "shrinkage": 1.0}
 def _toml(card: dict, weights: dict) -> str:
     """An encoder card; JSON's strings and arrays of numbers are valid TOML."""
     lines = ["# Written by `gmcert train`: the trained network, loaded with its weights beside it."]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in card.items() if k not in ("weights", "path")]
+    def value(v):  # a dict is an inline table; JSON's own object syntax is not TOML
+        return "{" + ", ".join(f"{k} = {json.dumps(x)}" for k, x in v.items()) + "}" if isinstance(v, dict) else json.dumps(v)
+
+    lines += [f"{k} = {value(v)}" for k, v in card.items() if k not in ("weights", "path")]
     lines += ["", "[weights]"] + [f"{k} = {json.dumps(v)}" for k, v in weights.items()]
     return "\n".join(lines) + "\n"
 
 
 def build_student(encoder: str, n_classes: int, input_size=None, pretrained=None, device=None, seed: int = 0,
-                  lipschitz: bool = False):
+                  lipschitz: bool = False, model_args: dict | None = None):
     """The base card's network with a new ``n_classes`` classifier, as an Encoder (pixels -> logits).
 
     The new classifier is drawn from ``seed`` (a card without weights starts from its fixed random
@@ -49,11 +52,14 @@ def build_student(encoder: str, n_classes: int, input_size=None, pretrained=None
     not need, and the certificate never trusts any of them: it bounds the stored weights by SVD);
     a network with ``constrain()`` (the conv students, :mod:`gmcert.networks.lipconv`) registers its
     own parametrisations instead. The student gets class centres in latent space (``centers``), what
-    the margin objective and its predictions use.
+    the margin objective and its predictions use. ``model_args`` (``--width``, ``--depth``) go to
+    the architecture's constructor and into the card the model records.
     """
     from gmcert.encoders.cards import Encoder, _build, load_card
 
     card = load_card(encoder)
+    if model_args:
+        card = replace(card, model_args={**card.model_args, **model_args})
     if input_size is not None:
         hw = (int(input_size),) * 2 if np.ndim(input_size) == 0 else tuple(int(v) for v in input_size)
         if min(hw) < 1:
@@ -62,6 +68,11 @@ def build_student(encoder: str, n_classes: int, input_size=None, pretrained=None
     if pretrained is None:
         pretrained = card.weights.get("source") != "none"
     network, digest = _build(card, pretrained)
+    # timm's constructors swallow unknown keywords: the network says what it was built with
+    ignored = [k for k, v in (model_args or {}).items() if getattr(network, "model_args", {}).get(k) != v]
+    if ignored:
+        raise DataError(f"{card.name} ({card.architecture}) takes no {', '.join(f'--{k}' for k in ignored)}: they "
+                        "choose a Lipschitz student's size (gmcert_lipconv, gmcert_lipnet)")
     if lipschitz and not hasattr(network, "lipschitz_layers"):
         raise DataError("--student lipschitz needs a Lipschitz architecture (the gmcert_lipnet or gmcert_lipconv "
                         f"cards); {card.name} ({card.architecture}) is not one")
@@ -117,7 +128,7 @@ def _device():
 def train_model(out, data: str = "digits", encoder: str | None = None, input_size=None,
                 config: TrainConfig | None = None, teacher=None, pretrained=None, n_components: int = 64,
                 test_size: float = 0.25, device=None, progress: bool = True, stop_after=None, limit=None,
-                data_root=None):
+                data_root=None, model_args: dict | None = None):
     """Train a noise-robust base (or a Lipschitz student) on ``data``; write a gmcert model directory to ``out``.
 
     ``encoder`` defaults to ``gmcert_cnn``; for ``config.student="lipschitz"``, to ``gmcert_lipnet`` on
@@ -125,6 +136,7 @@ def train_model(out, data: str = "digits", encoder: str | None = None, input_siz
     ``input_size`` (px, or ``(H, W)``) defaults to :func:`student_input_size`: gmcert's own networks
     take the data's native size; another size is printed with its norm and recorded (``resize``).
     ``data_root``: where the data's files are (Fashion-MNIST's IDX files; ``--data-root``).
+    ``model_args``: the architecture's constructor keywords (``--width``, ``--depth``).
 
     Returns ``(pipeline, record)``, or ``(None, record)`` when ``stop_after`` epochs ran before the
     end (the checkpoint in ``<out>.train/`` resumes the run) and on ranks other than 0 of a torchrun
@@ -156,7 +168,7 @@ def train_model(out, data: str = "digits", encoder: str | None = None, input_siz
     if input_size is None:
         input_size = student_input_size(load_card(encoder), inputs.x.shape[2:])
     student = build_student(encoder, len(classes), input_size, pretrained, device, seed=config.seed,
-                            lipschitz=lipschitz)
+                            lipschitz=lipschitz, model_args=model_args)
     resize = resize_record(student.card, inputs.x.shape[2:])
     if progress and resize is not None:
         print(describe_resize(resize), file=sys.stderr)
@@ -194,7 +206,7 @@ def train_model(out, data: str = "digits", encoder: str | None = None, input_siz
         if not (staging / CHECKPOINT).exists() and current_world().main:  # nothing to resume: leave nothing behind
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    if record["epochs_done"] < config.epochs:
+    if not finished(config, record):
         return None, record
     if not current_world().main:  # under torchrun, rank 0 alone fits the head and writes the model directory
         return None, record
@@ -219,6 +231,8 @@ def _finish(out, staging, student, inputs, classes, train, test, config, record,
 
         for layer in student.network.lipschitz_layers():
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+            # contiguous, as the file and every later load are (a transposed view rounds otherwise)
+            layer.weight = torch.nn.Parameter(layer.weight.detach().contiguous())
     weights = staging / "encoder.safetensors"
     save_file({k: v.detach().cpu().contiguous() for k, v in student.network.state_dict().items()}, str(weights))
     card = staging / "encoder.toml"
