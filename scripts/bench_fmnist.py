@@ -4,21 +4,30 @@ The published protocol (issue 26): Cohen et al.'s CERTIFY with n0 = 100, n = 100
 0.001, LeNet bases, on every 20th test image (500; ``--full``: all 10,000). Columns: certified
 accuracy at r = 0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0 (each with its binomial standard error
 sqrt(p (1 - p) / m), m the images), ACR, the base's clean accuracy, forward passes and seconds per
-input. Rows (this first version):
+input. Rows:
 
-* ``gaussian-0.25``    a LeNet trained by ``gmcert train --arch lenet`` (Gaussian, sigma 0.25) on the
-                       training split, which holds out 25% as the validation split its per-epoch
-                       curves are measured on (the test images are never seen before certification);
-                       smoothed by Cohen's CERTIFY (``gmcert compare``'s ``cohen`` method).
-* ``sequential-0.25``  the same base through the sequential engine in radius mode (``compare``'s
+* ``gaussian-0.25``, ``gaussian-0.5``  LeNets trained by ``gmcert train --arch lenet`` (Gaussian noise
+                       at sigma) on the training split, which holds out 25% as the validation split
+                       its per-epoch curves are measured on (the test images are never seen before
+                       certification); smoothed by Cohen's CERTIFY (``gmcert compare``'s ``cohen``).
+* ``consistency-0.25`` the best base: consistency training (Jeong and Shin; m = 2, lambda = 10,
+                       eta = 0.5, gmcert's defaults), Cohen's CERTIFY.
+* ``sequential-0.25``  the Gaussian base through the sequential engine in radius mode (``compare``'s
                        ``sequential``: at most n draws, radii capped at 2 sigma).
+* ``target-0.25``      the same base in target mode at r* = sigma / 2 and sigma, answers set beside
+                       Cohen's (``scripts/fmnist_extra.py``), with the oracle that knows p_A.
 * ``identity-exact``   the closed-form head on raw pixels (``gmcert fit --encoder identity``: PCA 64,
-                       one pass, exact radii).
+                       one pass, exact radii), fitted on clean images; ``identity-noisy-exact`` the
+                       same fitted on two noisy copies (sigma 0.25) of each training image.
+* ``hybrid-identity``  the hybrid router on the noisy-fitted raw-pixel head: its closed form above a
+                       route threshold calibrated on 200 training images, sequential smoothing in
+                       target mode at 0.25 below it.
 
+CRT and the pretrained card (``tf_efficientnet_lite0`` at 32 px) are not rows yet.
 Every row is one ``gmcert.compare.run_compare`` run in ``<out>/<row>/``: Cohen-format TSVs (idx
 label predict radius correct time, then gmcert's columns), resumed row by row; a row whose TSV
 already holds every image is not rerun. ``<out>/certified_accuracy.png`` draws every row's curve.
-Small runs: ``--limit 20 --n 1000 --epochs 2``.
+Small runs: ``--limit 10 --n 1000 --epochs 1 --train-limit 2000`` (about 3 minutes).
 """
 from __future__ import annotations
 
@@ -65,15 +74,16 @@ def test_images(args):
     return inputs.x[index], inputs.labels[index], index
 
 
-def gaussian_model(args, sigma):
-    """The Gaussian-trained LeNet, trained once into ``<out>/models/`` (a killed run resumes)."""
+def trained_model(args, method, sigma, **settings):
+    """A LeNet trained by ``gmcert train --arch lenet`` (``method`` at ``sigma``) into ``<out>/models/``
+    once (a killed run resumes); the defaults of ``gmcert train`` otherwise."""
     from gmcert.pipeline import Pipeline
     from gmcert.train import TrainConfig, train_model
 
-    path = Path(args.out) / "models" / f"lenet-gaussian-{sigma}"
+    path = Path(args.out) / "models" / f"lenet-{method}-{sigma}"
     if (path / "pipeline.json").exists():
         return Pipeline.load(path)
-    config = TrainConfig(method="gaussian", sigma=sigma, epochs=args.epochs, seed=args.seed)
+    config = TrainConfig(method=method, sigma=sigma, epochs=args.epochs, seed=args.seed, **settings)
     start = time.perf_counter()
     pipeline, record = train_model(path, data="fashion-mnist:train", encoder="lenet", config=config,
                                    limit=args.train_limit, data_root=args.data_root)
@@ -83,26 +93,45 @@ def gaussian_model(args, sigma):
     return pipeline
 
 
-def identity_model(args):
-    """The closed-form head on raw pixels, ``gmcert fit --encoder identity`` (PCA 64)."""
+def identity_model(args, noisy_copies=0, sigma=0.25):
+    """The closed-form head on raw pixels, ``gmcert fit --encoder identity`` (PCA 64), fitted on the
+    clean training images, or on ``noisy_copies`` noisy copies of each (as ``gmcert train`` fits its
+    heads) so that its smoothing is a fair base too."""
     from gmcert.pipeline import Pipeline
 
-    path = Path(args.out) / "models" / "identity"
+    path = Path(args.out) / "models" / ("identity" if not noisy_copies else f"identity-noisy-{sigma}")
     if (path / "pipeline.json").exists():
         return Pipeline.load(path)
     train = load_inputs({"data": "fashion-mnist:train"}, channels=1, limit=args.train_limit, root=args.data_root)
+    x, y = train.x, train.labels
+    if noisy_copies:
+        rng = np.random.default_rng(args.seed)
+        x = np.concatenate([x + rng.normal(0.0, sigma, x.shape).astype(np.float32) for _ in range(noisy_copies)])
+        y = np.tile(y, noisy_copies)
     pipeline = Pipeline(encoder="identity", projection="pca", n_components=64)
-    pipeline.fit(train.x, train.labels, dataset_identity=train.identity)
+    pipeline.fit(x, y, dataset_identity=train.identity)
     pipeline.save(path)
     return pipeline
 
 
+def calibration_rows(args, m=200):
+    """``m`` training images (every 300th), never the test images: the hybrid's threshold is chosen there."""
+    train = load_inputs({"data": "fashion-mnist:train"}, channels=1, limit=args.train_limit, root=args.data_root)
+    pick = np.arange(0, len(train.labels), max(1, len(train.labels) // m))[:m]
+    return train.x[pick], train.labels[pick]
+
+
 #: row name -> (model builder, compare method, sigma)
 ROWS = {
-    "gaussian-0.25": (lambda a: gaussian_model(a, 0.25), "cohen", 0.25),
-    "sequential-0.25": (lambda a: gaussian_model(a, 0.25), "sequential", 0.25),
+    "gaussian-0.25": (lambda a: trained_model(a, "gaussian", 0.25), "cohen", 0.25),
+    "sequential-0.25": (lambda a: trained_model(a, "gaussian", 0.25), "sequential", 0.25),
+    "consistency-0.25": (lambda a: trained_model(a, "consistency", 0.25), "cohen", 0.25),
+    "gaussian-0.5": (lambda a: trained_model(a, "gaussian", 0.5), "cohen", 0.5),
     "identity-exact": (identity_model, "gm-exact", 0.25),
+    "identity-noisy-exact": (lambda a: identity_model(a, noisy_copies=2), "gm-exact", 0.25),
 }
+#: rows that are not one compare curve (scripts/fmnist_extra.py)
+EXTRA = ("target-0.25", "hybrid-identity")
 
 
 def complete(folder: Path, index) -> bool:
@@ -159,6 +188,66 @@ def table(results, args, m) -> str:
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
+def extra_rows(names, results, args, x, labels, index) -> list[str]:
+    """Target mode and the hybrid (``EXTRA``): their rows into ``results``; returns their lines and
+    target mode's draw ratios ``{r*: ratio}``."""
+    import fmnist_extra
+
+    lines, out, ratios = [], Path(args.out), {}
+    if "target-0.25" in names:
+        base = results.get("gaussian-0.25") or run_row("gaussian-0.25", args, x, labels, index)
+        rows = fmnist_extra.target_mode(trained_model(args, "gaussian", 0.25), x, labels, index, out / "target-0.25",
+                                        0.25, args.alpha, args.n, (0.125, 0.25), args.seed)
+        text, ratios = fmnist_extra.compare_targets(rows, base["rows"], args.n + args.n0)
+        lines += text
+    if "hybrid-identity" in names:
+        pipeline = identity_model(args, noisy_copies=2)
+        rows, tau = fmnist_extra.hybrid(pipeline, calibration_rows(args), x, labels, index, out / "hybrid-identity",
+                                        0.25, args.alpha, args.n, 0.25, args.seed)
+        routes = sum(r["path"] == "closed_form" for r in rows)
+        lines.append(f"hybrid-identity: route threshold tau = {tau:.4g} (calibrated on 200 training images); "
+                     f"{routes} of {len(rows)} inputs served by the closed form")
+        results["hybrid-identity"] = {"rows": rows, "tsv": out / "hybrid-identity" / "hybrid.tsv",
+                                      "clean": float(np.mean(pipeline.predict(x, arithmetic="fast") == labels))}
+    return lines, ratios
+
+
+def target_lines(results, target_ratios, args, which) -> list[str]:
+    """The issue's targets, each beside its published figure."""
+    published, lines = PUBLISHED[which], []
+
+    def acc(name, radii):
+        f = results[name]["figures"]
+        return [100 * f["acc"][RADII.index(r)] for r in radii]
+
+    if "gaussian-0.25" in results:
+        mine, theirs = acc("gaussian-0.25", [0.25, 0.5, 0.75]), published["Gaussian sigma 0.25"][:3]
+        gap = max(abs(a - b) for a, b in zip(mine, theirs))
+        lines.append(f"Gaussian sigma 0.25 within 1.5 points of the published model ({'/'.join(f'{v:.1f}' for v in theirs)}): "
+                     f"{'/'.join(f'{v:.1f}' for v in mine)}, largest gap {gap:.1f}: {'met' if gap <= 1.5 else 'NOT met'}")
+    if "consistency-0.25" in results:
+        mine, theirs = acc("consistency-0.25", [0.25, 0.5, 0.75]), published["Consistency sigma 0.25"][:3]
+        ok = all(a >= b for a, b in zip(mine, theirs))
+        lines.append(f"best base (consistency) at or above published Consistency ({'/'.join(f'{v:.1f}' for v in theirs)}): "
+                     f"{'/'.join(f'{v:.1f}' for v in mine)}: {'met' if ok else 'NOT met'}")
+    if "sequential-0.25" in results and "gaussian-0.25" in results:
+        import fmnist_extra
+
+        cohen, seq = results["gaussian-0.25"], results["sequential-0.25"]
+        ratio = cohen["figures"]["passes"] / seq["figures"]["passes"]
+        grid = [r for r in RADII if r <= 0.5]  # radius mode certifies up to 2 sigma
+        worst = max(a - b for a, b in zip(acc("gaussian-0.25", grid), acc("sequential-0.25", grid)))
+        best = fmnist_extra.oracle(cohen["rows"], args.n, args.n0, args.alpha, 0.25, 0.03)
+        lines.append(f"radius mode: {ratio:.1f}x fewer draws than Cohen at n = {args.n} (target >= 13x), certified "
+                     f"accuracy at most {worst:.1f} points below it at r <= 2 sigma (target <= 1): "
+                     f"{'met' if ratio >= 13 and worst <= 1 else 'NOT met'}; the oracle that knows p_A: "
+                     f"{best:.0f} draws/input, {cohen['figures']['passes'] / best:.1f}x, the physical limit")
+    for target, ratio in target_ratios.items():
+        lines.append(f"target mode at r* = {target:g}: {ratio:.0f}x fewer draws (target >= 100x): "
+                     f"{'met' if ratio >= 100 else 'NOT met'}")
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="all 10,000 test images (default every 20th: 500)")
@@ -166,7 +255,8 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=100_000, help="Cohen's n, and the sequential engine's cap")
     parser.add_argument("--n0", type=int, default=100)
     parser.add_argument("--alpha", type=float, default=0.001)
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default all: {','.join(ROWS)})")
+    parser.add_argument("--rows", default=",".join([*ROWS, *EXTRA]),
+                        help=f"comma-separated rows (default all: {','.join([*ROWS, *EXTRA])})")
     parser.add_argument("--epochs", type=int, default=30, help="the Gaussian base's epochs (gmcert train's default)")
     parser.add_argument("--train-limit", type=int, default=None, help="train and fit on the first N training images")
     parser.add_argument("--batch-size", type=int, default=1000, help="noisy samples per forward call")
@@ -175,16 +265,19 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/bench-fmnist")
     args = parser.parse_args(argv)
     names = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in names if r not in ROWS]
+    unknown = [r for r in names if r not in ROWS and r not in EXTRA]
     if unknown:
-        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+        parser.error(f"unknown rows {unknown}; choose from {', '.join([*ROWS, *EXTRA])}")
     began = time.perf_counter()
     x, labels, index = test_images(args)
     results = {}
-    for name in names:
+    for name in (n for n in names if n in ROWS):
         results[name] = run_row(name, args, x, labels, index)
+    notes, ratios = extra_rows(names, results, args, x, labels, index)
+    for name in results:
         results[name]["figures"] = figures(results[name]["rows"])
-    text = table(results, args, len(index))
+    goals = target_lines(results, ratios, args, "full" if args.full and args.limit is None else "subset")
+    text = table(results, args, len(index)) + "\n" + "\n".join(notes + ["", "Targets:"] + goals) + "\n"
     print("\n" + text)
     out = Path(args.out)
     (out / "summary.md").write_text(text)
