@@ -12,6 +12,8 @@ input. Rows:
                        certification); smoothed by Cohen's CERTIFY (``gmcert compare``'s ``cohen``).
 * ``consistency-0.25`` the best base: consistency training (Jeong and Shin; m = 2, lambda = 10,
                        eta = 0.5, gmcert's defaults), Cohen's CERTIFY.
+* ``crt-0.25``         CRT (Vaishnavi et al.) from the consistency base as teacher, 7 epochs: about
+                       1/6 of the teacher's training compute.
 * ``sequential-0.25``  the Gaussian base through the sequential engine in radius mode (``compare``'s
                        ``sequential``: at most n draws, radii capped at 2 sigma).
 * ``target-0.25``      the same base in target mode at r* = sigma / 2 and sigma, answers set beside
@@ -23,7 +25,7 @@ input. Rows:
                        route threshold calibrated on 200 training images, sequential smoothing in
                        target mode at 0.25 below it.
 
-CRT and the pretrained card (``tf_efficientnet_lite0`` at 32 px) are not rows yet.
+The pretrained card (``tf_efficientnet_lite0`` at 32 px) is not a row yet.
 Every row is one ``gmcert.compare.run_compare`` run in ``<out>/<row>/``: Cohen-format TSVs (idx
 label predict radius correct time, then gmcert's columns), resumed row by row; a row whose TSV
 already holds every image is not rerun. ``<out>/certified_accuracy.png`` draws every row's curve.
@@ -74,19 +76,20 @@ def test_images(args):
     return inputs.x[index], inputs.labels[index], index
 
 
-def trained_model(args, method, sigma, **settings):
-    """A LeNet trained by ``gmcert train --arch lenet`` (``method`` at ``sigma``) into ``<out>/models/``
-    once (a killed run resumes); the defaults of ``gmcert train`` otherwise."""
+def trained_model(args, method, sigma, teacher=None, epochs=None):
+    """A LeNet trained by ``gmcert train --arch lenet`` (``method`` at ``sigma``, from ``teacher``'s
+    model directory for crt) into ``<out>/models/`` once (a killed run resumes); the defaults of
+    ``gmcert train`` otherwise."""
     from gmcert.pipeline import Pipeline
     from gmcert.train import TrainConfig, train_model
 
     path = Path(args.out) / "models" / f"lenet-{method}-{sigma}"
     if (path / "pipeline.json").exists():
         return Pipeline.load(path)
-    config = TrainConfig(method=method, sigma=sigma, epochs=args.epochs, seed=args.seed, **settings)
+    config = TrainConfig(method=method, sigma=sigma, epochs=epochs or args.epochs, seed=args.seed)
     start = time.perf_counter()
     pipeline, record = train_model(path, data="fashion-mnist:train", encoder="lenet", config=config,
-                                   limit=args.train_limit, data_root=args.data_root)
+                                   teacher=teacher, limit=args.train_limit, data_root=args.data_root)
     print(f"trained {path.name} in {time.perf_counter() - start:.0f} s; validation split (held-out training "
           f"rows): network clean {record['network']['clean_accuracy']:.3f}, noisy "
           f"{record['network']['noisy_accuracy']:.3f}", flush=True)
@@ -114,6 +117,24 @@ def identity_model(args, noisy_copies=0, sigma=0.25):
     return pipeline
 
 
+#: CRT's epochs: at 1 noisy copy and a teacher forward at 1/3 of a forward-backward, 7 epochs cost
+#: 7 * (1 + 1/3) / (30 * 2) = 0.16 of the consistency teacher's 30 epochs of 2 copies (target <= 1/4)
+CRT_EPOCHS = 7
+
+
+def crt_model(args):
+    """CRT from the consistency-trained teacher, for ``CRT_EPOCHS`` epochs."""
+    trained_model(args, "consistency", 0.25)
+    return trained_model(args, "crt", 0.25, teacher=Path(args.out) / "models" / "lenet-consistency-0.25",
+                         epochs=CRT_EPOCHS)
+
+
+def compute(args, name) -> float:
+    """Training compute of a trained row in forward-backward units (a teacher forward counts 1/3)."""
+    record = json.loads((Path(args.out) / "models" / name / "train.json").read_text())["compute"]
+    return record["student_forward_backward"] + record["teacher_forward"] / 3
+
+
 def calibration_rows(args, m=200):
     """``m`` training images (every 300th), never the test images: the hybrid's threshold is chosen there."""
     train = load_inputs({"data": "fashion-mnist:train"}, channels=1, limit=args.train_limit, root=args.data_root)
@@ -126,6 +147,7 @@ ROWS = {
     "gaussian-0.25": (lambda a: trained_model(a, "gaussian", 0.25), "cohen", 0.25),
     "sequential-0.25": (lambda a: trained_model(a, "gaussian", 0.25), "sequential", 0.25),
     "consistency-0.25": (lambda a: trained_model(a, "consistency", 0.25), "cohen", 0.25),
+    "crt-0.25": (lambda a: crt_model(a), "cohen", 0.25),
     "gaussian-0.5": (lambda a: trained_model(a, "gaussian", 0.5), "cohen", 0.5),
     "identity-exact": (identity_model, "gm-exact", 0.25),
     "identity-noisy-exact": (lambda a: identity_model(a, noisy_copies=2), "gm-exact", 0.25),
@@ -242,6 +264,11 @@ def target_lines(results, target_ratios, args, which) -> list[str]:
                      f"accuracy at most {worst:.1f} points below it at r <= 2 sigma (target <= 1): "
                      f"{'met' if ratio >= 13 and worst <= 1 else 'NOT met'}; the oracle that knows p_A: "
                      f"{best:.0f} draws/input, {cohen['figures']['passes'] / best:.1f}x, the physical limit")
+    if "crt-0.25" in results and "consistency-0.25" in results:
+        share = results["crt-0.25"]["figures"]["acr"] / results["consistency-0.25"]["figures"]["acr"]
+        cost = compute(args, "lenet-crt-0.25") / compute(args, "lenet-consistency-0.25")
+        lines.append(f"CRT: {100 * share:.1f}% of its consistency teacher's ACR (target >= 97%) at {cost:.3f} of its "
+                     f"training compute (target <= 1/4): {'met' if share >= 0.97 and cost <= 0.25 else 'NOT met'}")
     for target, ratio in target_ratios.items():
         lines.append(f"target mode at r* = {target:g}: {ratio:.0f}x fewer draws (target >= 100x): "
                      f"{'met' if ratio >= 100 else 'NOT met'}")
