@@ -124,3 +124,49 @@ def hybrid(pipeline, calibration, x, labels, index, folder: Path, sigma, alpha, 
             for i, cert in tqdm(zip(todo, certs), total=len(todo), desc="hybrid", unit="input", leave=False):
                 writer.write(certificate_row(int(index[i]), int(labels[i]), cert))
     return read_tsv(path), policy.route_threshold
+
+
+def lite0(args, calibration, x, labels, index, out: Path, n_inputs: int, n: int):
+    """The pretrained card as a user runs it: ``gmcert fit --encoder <lite0 at 32 px>`` on the training
+    split (the head on two noisy copies of each image at sigma 0.25: its closed-form radii are near 0
+    through a deep encoder, so smoothing serves nearly every input), ``gmcert diagnose``, then the hybrid router (target mode at 0.25 in grey units,
+    at most ``n`` draws) on the first ``n_inputs`` images, smoothing at sigma 0.25 per grey pixel
+    (0.25 sqrt(3) on the RGB input that repeats it). Returns (rows, tau, mismatch lines, pipeline)."""
+    from gmcert.cli import main as gmcert
+    from gmcert.pipeline import Pipeline
+
+    root = Path(__file__).resolve().parent.parent
+    model = out / "models" / "lite0-32"
+    card = out / "models" / "efficientnet_lite0_32.toml"
+    if not card.exists():  # the shipped card at 32 px; the weights stay the package's
+        card.parent.mkdir(parents=True, exist_ok=True)
+        text = (root / "encoders" / "efficientnet_lite0.toml").read_text()
+        card.write_text(text.replace('name = "efficientnet_lite0"', 'name = "efficientnet_lite0_32"')
+                        .replace("input_size = [3, 224, 224]", "input_size = [3, 32, 32]"))
+    if not (model / "pipeline.json").exists() and gmcert(["fit", "--data", "fashion-mnist", "--encoder", str(card),
+                                                          "--noise-sigma", "0.25", "--noise-copies", "2",
+                                                          *(["--limit", str(args.train_limit)] if args.train_limit else []),
+                                                          "--out", str(model)]) != 0:
+        raise SystemExit("gmcert fit failed")
+    if not (model / "mismatch.json").exists() and gmcert(["diagnose", "--model", str(model)]) != 0:
+        raise SystemExit("gmcert diagnose failed")
+    import json
+
+    mismatch = json.loads((model / "mismatch.json").read_text())
+    pipeline = Pipeline.load(model)
+    # The card takes RGB: each grey image is repeated to 3 channels, as `gmcert certify --data` does. A
+    # radius r there covers grey perturbations of norm below r / sqrt(3) only (a grey change d is a
+    # change sqrt(3) |d| of the RGB input), so the rows are read back in grey units.
+    rgb = lambda a: np.repeat(a, 3, axis=1)  # noqa: E731
+    m = max(20, n_inputs // 2)
+    rows, tau = hybrid(pipeline, (rgb(calibration[0][:m]), calibration[1][:m]), rgb(x[:n_inputs]), labels[:n_inputs],
+                       index[:n_inputs], out / "lite0-hybrid", 0.25 * np.sqrt(3), args.alpha, n, 0.25 * np.sqrt(3),
+                       args.seed)
+    rows = [{**r, "radius": float(r["radius"]) / np.sqrt(3)} for r in rows]
+    resize = pipeline.metadata.get("resize") or {}
+    notes = [f"lite0-hybrid: efficientnet_lite0 at 32 px (resize {resize.get('from')} -> {resize.get('to')}, norm "
+             f"{resize.get('norm')}), {len(rows)} images, target mode at most {n} draws; tau = {tau:.4g}; "
+             f"{sum(r['path'] == 'closed_form' for r in rows)} served by the closed form; gmcert diagnose: KL to the "
+             f"mixture {mismatch['kl']} (interval {mismatch['kl_interval']}), per class "
+             f"{', '.join(str(round(float(v), 2)) for v in mismatch['kl_per_class'])}"]
+    return rows, tau, notes, pipeline, rgb
