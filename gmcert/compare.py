@@ -55,6 +55,9 @@ class CompareConfig:
     srs_steps: list = field(default_factory=lambda: [1, 3])
     warmup_interval: int = 10
     audit_size: int = 1000
+    #: turns a radius on the model's input into one on the images given: 1 / sqrt(3) for grey images
+    #: repeated to RGB (``gmcert.inputs.Inputs.radius_scale``); every TSV radius is on the images
+    radius_scale: float = 1.0
     #: the content of what the run reads (model digests, the inputs' content identity): a rerun in
     #: the same --out on a file overwritten at the same path is refused, not merged
     identity: dict = field(default_factory=dict)
@@ -182,7 +185,8 @@ def run_compare(pipeline, X, labels, index, out, config: CompareConfig, progress
                 # as one uninterrupted process.
                 smoother.reseed(config.seed + int(index[i]))
                 cert = _run_method(name, pipeline, smoother, X[i], config, smoothed)
-                writers[name].write(certificate_row(int(index[i]), int(labels[i]), cert))
+                writers[name].write(certificate_row(int(index[i]), int(labels[i]),
+                                                    cert.in_image_units(config.radius_scale)))
                 bar.update(1)
     results = {name: writers[name].close() for name in names}
     return write_reports(results, out, config, pipeline) if w.main else None

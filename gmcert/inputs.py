@@ -67,11 +67,19 @@ def integer_labels(y, name) -> np.ndarray:
 
 class Inputs:
     """What a command certifies or fits on: ``x`` (images or latents), ``labels``, a cache
-    ``identity`` and the ``source`` (file or dataset spec) that error messages name."""
+    ``identity`` and the ``source`` (file or dataset spec) that error messages name.
+    ``channel_repeat`` is 3 where grey images were repeated to the model's 3 channels (see
+    :attr:`radius_scale`)."""
 
-    def __init__(self, x, labels, identity=None, channels=None, source=""):
+    def __init__(self, x, labels, identity=None, channels=None, source="", channel_repeat=1):
         self.x, self.labels, self.identity, self.channels = x, np.asarray(labels), identity, channels
-        self.source = source
+        self.source, self.channel_repeat = source, int(channel_repeat)
+
+    @property
+    def radius_scale(self) -> float:
+        """What turns a radius on the model's input into one on these images: 1, or 1 / sqrt(3)
+        for grey images repeated to RGB (a grey change of norm d moves the RGB input by sqrt(3) d)."""
+        return 1.0 / float(np.sqrt(self.channel_repeat))
 
     def content_identity(self) -> str:
         """What resume settings record: the dataset's content identity, or for latents (which have
@@ -88,7 +96,7 @@ class Inputs:
         identity = None
         if self.identity is not None:
             identity = f"{self.identity}[{hashlib.sha256(index.astype(np.int64).tobytes()).hexdigest()[:12]}]"
-        return Inputs(self.x[index], self.labels[index], identity, self.channels, self.source)
+        return Inputs(self.x[index], self.labels[index], identity, self.channels, self.source, self.channel_repeat)
 
 
 def load_inputs(data: dict, channels=3, download=False, limit=None, root=None, split="train") -> Inputs:
@@ -107,7 +115,8 @@ def load_inputs(data: dict, channels=3, download=False, limit=None, root=None, s
             raise DataError(f"{data['data']}: needs labels as well as images; this file has images only")
         # Raw pixels of grayscale data stay 1-channel for the identity encoder: 3 copies would only
         # rescale every radius by sqrt(3).
-        inputs = Inputs(dataset.images.numpy(), dataset.labels, dataset.identity, channels, str(data["data"]))
+        inputs = Inputs(dataset.images.numpy(), dataset.labels, dataset.identity, channels, str(data["data"]),
+                        dataset.channel_repeat)
     if limit is not None:
         inputs = inputs.subset(np.arange(min(limit, len(inputs.labels))))
     return inputs

@@ -7,7 +7,7 @@ methods alike because of this.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 ABSTAIN = -1
 
@@ -71,6 +71,18 @@ class Certificate:
     def sound(self) -> bool:
         """True when ``radius`` is a certificate rather than an estimate."""
         return self.radius_kind in SOUND_KINDS
+
+    def in_image_units(self, scale: float) -> "Certificate":
+        """This certificate with its radius (and ``extra["radius_upper"]``) on the images the user
+        gave rather than on the model's input: ``scale`` is :attr:`gmcert.inputs.Inputs.radius_scale`
+        (1 / sqrt(3) for grey images repeated to RGB). A no-op at 1."""
+        if scale == 1.0:
+            return self
+        extra = dict(self.extra)
+        if "radius_upper" in extra:
+            extra["radius_upper"] = float(extra["radius_upper"]) * scale
+        extra["radius_scale"] = scale
+        return replace(self, radius=float(self.radius) * scale, extra=extra)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -22,6 +22,10 @@ def cmd_certify(args) -> int:
     if args.fallback != "none":
         args.policy = _fallback_policy(args)
     inputs, index = model_inputs(args, pipeline, "test")
+    if args.fallback != "none" and inputs.radius_scale != 1.0:  # the user's radii are on their images
+        for name in ("target_radius", "route_threshold"):
+            if getattr(args.policy, name) is not None:
+                setattr(args.policy, name, getattr(args.policy, name) / inputs.radius_scale)
     if args.method == "smoothing" and args.fallback != "none":
         raise DataError("--method smoothing certifies every input by smoothing: it takes no --fallback")
     if args.serialized and args.method != "smoothing":
@@ -62,8 +66,8 @@ def cmd_certify(args) -> int:
     with tqdm(total=len(todo), desc="certify", unit="input", disable=len(todo) < 2 or not one_by_one or not w.main,
               delay=2) as bar:
         certs = _certify(args, pipeline, part, index[todo]) if len(todo) else []  # a rank may have no share
-        for i, label, cert in zip(index[todo], part.labels, certs):
-            writer.write(certificate_row(i, label, cert))
+        for i, label, cert in zip(index[todo], part.labels, certs):  # radii on the images given (grey or not)
+            writer.write(certificate_row(i, label, cert.in_image_units(inputs.radius_scale)))
             bar.update(1)
     rows = writer.close()
     if not w.main:
@@ -74,11 +78,15 @@ def cmd_certify(args) -> int:
         args.radii).tolist()
     summary["config"] = {k: v for k, v in vars(args).items() if k != "policy"}
     summary["resize"] = pipeline.input_resize(inputs.x.shape[2:]) if inputs.x.ndim == 4 else None
+    summary["radius_scale"] = inputs.radius_scale
     if args.fallback != "none":
         from dataclasses import asdict
 
         summary["fallback_policy"] = asdict(args.policy)
     write_json_atomic(out.with_suffix(".json"), summary)
+    if inputs.radius_scale != 1.0:
+        print("grey images repeated to the model's 3 channels: radii are on the grey images, the RGB input's "
+              "divided by sqrt(3) (a grey change of norm d moves the RGB input by sqrt(3) d)")
     kinds = ", ".join(f"{n} {k}" for k, n in summary["rows_by_radius_kind"].items())
     print(f"wrote {out} and {out.with_suffix('.json')} ({len(rows)} inputs; radius kinds: {kinds})")
     print(f"clean accuracy: {summary['clean_accuracy']:.4f}   average certified radius: "

@@ -161,6 +161,7 @@ def cmd_compare(args) -> int:
     from gmcert.distributed import agree, current
     from gmcert.distributed.rows import model_digest
 
+    config.radius_scale = inputs.radius_scale  # radii on the images given (grey repeated to RGB: / sqrt(3))
     config.identity = {"model": model_digest(args.model), "inputs": inputs.content_identity(),
                        "smoothing_model": model_digest(args.smoothing_model) if args.smoothing_model else None}
     check_run_dir(out, config)

@@ -34,12 +34,17 @@ class ImageDataset:
         Name of each class, in the order of the sorted unique labels.
     identity : str
         Content-derived identity (source, shape, sha256 of pixels and labels) for cache keys.
+    channel_repeat : int
+        3 where grey images were repeated to 3 channels, else 1. The repeat has norm sqrt(3): a
+        change of norm d to the grey image changes the RGB input by sqrt(3) d, so a radius
+        certified on the RGB input covers grey changes below radius / sqrt(3) only.
     """
 
     images: torch.Tensor
     labels: np.ndarray | None
     class_names: list
     identity: str
+    channel_repeat: int = 1
 
     def __len__(self):
         return int(self.images.shape[0])
@@ -52,7 +57,7 @@ class ImageDataset:
         digest = hashlib.sha256(index.astype(np.int64).tobytes()).hexdigest()[:12]
         labels = None if self.labels is None else self.labels[index]
         return ImageDataset(self.images[torch.as_tensor(index, dtype=torch.long)], labels,
-                            self.class_names, f"{self.identity}[{digest}]")
+                            self.class_names, f"{self.identity}[{digest}]", self.channel_repeat)
 
 
 def resize_images(images: torch.Tensor, size, interpolation: str = "bicubic") -> torch.Tensor:
@@ -100,10 +105,10 @@ def _identity(source: str, images: torch.Tensor, labels) -> str:
 
 def _finish(source, images, labels, class_names, image_size, interpolation, resize, channels):
     """Shared tail: channel expansion, size check or resize, validation, identity."""
-    images = torch.as_tensor(images, dtype=torch.float32).contiguous()
+    images, repeat = torch.as_tensor(images, dtype=torch.float32).contiguous(), 1
     if channels is not None and images.shape[1] != channels:
         if images.shape[1] == 1 and channels == 3:
-            images = images.expand(-1, 3, -1, -1).contiguous()
+            images, repeat = images.expand(-1, 3, -1, -1).contiguous(), 3
         else:
             raise DataError(f"{source}: images have {images.shape[1]} channels, expected {channels}")
     if image_size is not None and tuple(images.shape[-2:]) != tuple(image_size):
@@ -122,7 +127,7 @@ def _finish(source, images, labels, class_names, image_size, interpolation, resi
         labels = labels.astype(np.int64)
         if class_names is None:
             class_names = [str(c) for c in np.unique(labels)]
-    return ImageDataset(images, labels, list(class_names or []), _identity(source, images, labels))
+    return ImageDataset(images, labels, list(class_names or []), _identity(source, images, labels), repeat)
 
 
 def _check_values(name, array):
