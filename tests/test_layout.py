@@ -105,15 +105,20 @@ def test_math_runs_without_torch():
 
 
 def _graph() -> dict:
-    """module -> the gmcert modules it imports (lazy imports too), for every file of the package. A
-    module's own packages are left out: Python runs them first whatever the module imports (``from
-    gmcert.latent import certificates`` inside the package depends on ``certificates``)."""
+    """module -> the gmcert modules it imports (lazy imports too), for every file of the package,
+    with the packages above each (importing ``gmcert.cli.common`` runs ``gmcert/cli/__init__.py``
+    first), the root ``gmcert`` aside. A module's own packages are left out: Python runs them first
+    whatever the module imports (``from gmcert.latent import certificates`` inside the package
+    depends on ``certificates``)."""
     names = {module_name(p) for p in FILES}
 
     def own_package(module, name):
         return module.startswith(name + ".")
 
-    return {module_name(p): {n for n in imports(p) if n in names and n != module_name(p)
+    def with_parents(found):
+        return found | {".".join(n.split(".")[:end]) for n in found for end in range(2, n.count(".") + 1)}
+
+    return {module_name(p): {n for n in with_parents(imports(p)) if n in names and n != module_name(p)
                              and not own_package(module_name(p), n)} for p in FILES}
 
 

@@ -297,3 +297,17 @@ def test_width_and_depth_choose_the_student_and_the_model_records_them(tmp_path,
     assert main(["train", "--data", str(tmp_path / "d.npz"), "--width", "4", "--max-steps", "1",
                  "--device", "cpu", "--out", str(tmp_path / "cnn")]) == 2
     assert "takes no --width" in capsys.readouterr().err and not (tmp_path / "cnn").exists()
+
+
+def test_default_epochs_follow_the_student(tmp_path):
+    """The conv student costs about 100x the MLP a step: its default epochs keep the default run on
+    Fashion-MNIST within 30 minutes on 2 cores (``CONV_STUDENT_EPOCHS``)."""
+    from types import SimpleNamespace
+
+    from gmcert.train.command import CONV_STUDENT_EPOCHS, _default_epochs
+
+    np.savez(tmp_path / "big.npz", x=np.zeros((4, 1, 12, 12), np.float32), y=np.arange(4) % 2)
+    args = SimpleNamespace(encoder=None, data=str(tmp_path / "big.npz"), data_root=None)
+    assert _default_epochs(args, True) == CONV_STUDENT_EPOCHS < 30
+    assert _default_epochs(SimpleNamespace(encoder=None, data="digits", data_root=None), True) == 100
+    assert _default_epochs(args, False) == 30

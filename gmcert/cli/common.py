@@ -50,10 +50,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-DATA_HELP = ("digits | fashion-mnist[:train|:test] (bare: fit and train read train, certify test) | "
-             "cifar10[:train|:test] | ImageFolder dir | .npy/.npz images")
-DATA_ROOT_HELP = ("where Fashion-MNIST's IDX files (or CIFAR-10) are (default: $GMCERT_DATA, ~/.cache/gmcert/data, "
-                  "then /usr/share/datasets/fashion-mnist from `apt-get install dataset-fashion-mnist`)")
+from gmcert.data.sources import DATA_HELP, DATA_ROOT_HELP  # noqa: E402  (beside the specs they describe)
 
 
 def _add_data_args(p, latents_help):

@@ -26,6 +26,14 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 DEFAULT_DATA_ROOT = os.path.join("~", ".cache", "gmcert", "data")
 
 
+#: what ``--data`` and ``--data-root`` take, for every command's help (here, beside the loaders,
+#: so that ``gmcert.train.command`` need not import the ``gmcert.cli`` package that imports it)
+DATA_HELP = ("digits | fashion-mnist[:train|:test] (bare: fit and train read train, certify test) | "
+             "cifar10[:train|:test] | ImageFolder dir | .npy/.npz images")
+DATA_ROOT_HELP = ("where Fashion-MNIST's IDX files (or CIFAR-10) are (default: $GMCERT_DATA, ~/.cache/gmcert/data, "
+                  "then /usr/share/datasets/fashion-mnist from `apt-get install dataset-fashion-mnist`)")
+
+
 def _load_arrays(path: Path):
     if path.suffix == ".npy":
         images, labels, names = np.load(path, allow_pickle=False), None, None
