@@ -331,8 +331,8 @@ def fashion(args) -> int:
     lines, table = fashion_table(results, len(y))
     attacks = attack_check(results, x, args.attack_inputs, args.seed) if args.attack else {}
     header = [f"Fashion-MNIST: trained on {len(train_y)} rows (train_model's 75% of the first {args.train_limit}), "
-              f"{args.budget:g} s of training steps each (1 torch thread on {torch.get_num_threads()}-thread torch "
-              f"{torch.__version__}); certified on {len(y)} test images (index % 20 == 0). Binomial standard error "
+              f"{args.budget:g} s of training steps each (wall clock; torch {torch.__version__}, "
+              f"{torch.get_num_threads()} thread); certified on {len(y)} test images (index % 20 == 0). Binomial standard error "
               f"at most {50 / math.sqrt(len(y)):.1f} points.", ""]
     lip = [f"{n}: L = {r['L']:.7f} under gmcert's bound on its stored weights" + (
         f" (body {r['body_L']:.7f}, last layer max ||w_i - w_j|| = {r['max_pair_norm']:.4f}; the library claims L = 1;"
