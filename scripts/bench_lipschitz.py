@@ -59,8 +59,6 @@ import torch
 from tqdm import tqdm
 
 import lipschitz_peers
-from gmcert.bounds.lipschitz import layer_bounds
-from gmcert.bounds.logit_margin import logit_radii
 from gmcert.inputs import fit_split, load_inputs
 from gmcert.pipeline import Pipeline
 from gmcert.report import average_certified_radius, certified_accuracy, parse_seconds, plot_certified_accuracy, read_tsv
@@ -148,7 +146,6 @@ TARGET_RADII = (0.25, 0.5, 0.75, 1.0)  # the students above both peers at each
 PUBLISHED = {"full": (82.0, 70.8, 57.7), "subset": (81.8, 72.2, 58.6)}
 STUDENTS = ("gmcert_lipconv", "gmcert_lipconv_medium")
 SMOOTHING_TSV = "runs/bench-fmnist/gaussian-0.25/cohen-n100000.tsv"
-SHAPE = (1, 28, 28)
 
 
 def fashion_data(args):
@@ -175,41 +172,10 @@ def student_result(encoder, args, out, x, y) -> dict:
     rows, passes, seconds, kinds = closed_form(pipeline, x, y)
     classes = np.asarray(pipeline.head.classes_)
     return {"rows": rows, "passes": passes, "seconds": seconds, "kind": "/".join(kinds),
-            "train_seconds": record["compute"]["seconds"], "epochs": record["epochs_done"],
+            "train_seconds": record["compute"]["seconds"], "steps": record["steps"],
+            "epochs": record["steps"] * record["config"]["batch_size"] / record["train_rows"],
             "L": pipeline.input_lipschitz()[0], "module": pipeline.torch_module(torch.float64),
             "index": lambda labels: np.searchsorted(classes, labels)}
-
-
-def peer_results(peer, args, out, train_x, train_y, x, y) -> dict:
-    """A peer trained for the budget, its radii recomputed by gmcert's bound from the exported weights,
-    and the library's own claim (L = 1) beside them."""
-    import copy
-
-    model, record = lipschitz_peers.trained_peer(peer, out / "peers", torch.as_tensor(train_x),
-                                                 torch.as_tensor(train_y, dtype=torch.long), args.budget, args.seed)
-    exported = lipschitz_peers.export(peer, model)
-    with torch.no_grad():
-        xt = torch.as_tensor(x)
-        export_gap = float((exported(xt) - model(xt)).abs().max())
-    start = time.perf_counter()
-    cert = logit_radii(exported, x, SHAPE)
-    seconds = (time.perf_counter() - start) / len(x)
-    claim_pred, claim_radius = lipschitz_peers.claimed_radii(model, x)
-    both = (claim_pred == cert.prediction) & (cert.radius > 0)
-    ratio = claim_radius[both] / cert.radius[both]  # > 1: the library claims more than gmcert certifies
-    return {"rows": rows_from(cert.prediction, cert.radius, y), "passes": 1, "seconds": seconds, "kind": "bound",
-            "train_seconds": record["seconds"], "cpu_seconds": record["cpu_seconds"], "epochs": record["epochs"],
-            "L": cert.lipschitz, "body_L": cert.body_lipschitz,
-            "max_pair_norm": float(np.max(cert.pair_norms)) if cert.pair_norms is not None else None,
-            "layers": layer_bounds(exported, SHAPE), "export_gap": export_gap,
-            "claim_rows": rows_from(claim_pred, claim_radius, y),
-            "claim_ratio": [float(f(ratio)) for f in (np.min, np.median, np.max)] if both.any() else None,
-            "module": copy.deepcopy(exported).double().eval(), "index": lambda labels: np.asarray(labels)}
-
-
-def rows_from(prediction, radius, labels) -> list:
-    return [{"label": int(t), "predict": int(p), "radius": float(r), "correct": int(p == t)}
-            for p, r, t in zip(prediction, radius, labels)]
 
 
 def smoothing_result(path, index) -> tuple:
@@ -309,6 +275,23 @@ def fashion_targets(results, table) -> list:
     return lines
 
 
+def lipschitz_lines(results) -> list:
+    """Each bounded row's L from its stored weights; for the peers, against the library's claim of 1."""
+    lines = []
+    for name, r in results.items():
+        if "L" not in r:
+            continue
+        line = f"{name}: L = {r['L']:.7f} under gmcert's bound on its stored weights ({r['steps']} steps, " \
+               f"{r['epochs']:.1f} epochs"
+        if "body_L" in r:
+            ratio = ", ".join(f"{v:.7f}" for v in r["claim_ratio"] or [])
+            line += (f", {r['cpu_seconds']:.0f} CPU s; body {r['body_L']:.7f}, last layer max ||w_i - w_j|| = "
+                     f"{r['max_pair_norm']:.4f}; the library claims L = 1; claimed / recomputed radius min, median, "
+                     f"max {ratio}; the export reproduces its scores within {r['export_gap']:.1e}")
+        lines.append(line + ")")
+    return lines
+
+
 def fashion(args) -> int:
     """The Fashion-MNIST benchmark (module docstring)."""
     torch.set_num_threads(args.threads)
@@ -323,7 +306,7 @@ def fashion(args) -> int:
         notes.append(f"peer rows skipped: {', '.join(absent)} not installed (pip install -e '.[bench]')")
     for peer in lipschitz_peers.PEERS:
         if peer not in absent:
-            results[peer] = peer_results(peer, args, out, train_x, train_y, x, y)
+            results[peer] = lipschitz_peers.result(peer, out / "peers", train_x, train_y, x, y, args.budget, args.seed)
     smooth, note = smoothing_result(args.smoothing_tsv, index)
     notes.append(note)
     if smooth is not None:
@@ -332,20 +315,16 @@ def fashion(args) -> int:
     attacks = attack_check(results, x, args.attack_inputs, args.seed) if args.attack else {}
     header = [f"Fashion-MNIST: trained on {len(train_y)} rows (train_model's 75% of the first {args.train_limit}), "
               f"{args.budget:g} s of training steps each (wall clock; torch {torch.__version__}, "
-              f"{torch.get_num_threads()} thread); certified on {len(y)} test images (index % 20 == 0). Binomial standard error "
-              f"at most {50 / math.sqrt(len(y)):.1f} points.", ""]
-    lip = [f"{n}: L = {r['L']:.7f} under gmcert's bound on its stored weights" + (
-        f" (body {r['body_L']:.7f}, last layer max ||w_i - w_j|| = {r['max_pair_norm']:.4f}; the library claims L = 1;"
-        f" export reproduces its scores within {r['export_gap']:.1e}; claimed / recomputed radius min, median, max "
-        f"{', '.join(f'{v:.7f}' for v in r['claim_ratio'] or [])}; {r['epochs']} epochs, {r['cpu_seconds']:.0f} CPU s)"
-        if "body_L" in r else f" ({r.get('epochs', '?')} epochs)") for n, r in results.items() if "L" in r]
+              f"{torch.get_num_threads()} thread); certified on {len(y)} test images (index % 20 == 0). "
+              f"Binomial standard error at most {50 / math.sqrt(len(y)):.1f} points.", ""]
     attack_lines = [f"PGD at 0.999 r, {n}: {f} flips in {k} certified inputs" for n, (f, k) in attacks.items()]
-    text = "\n".join(header + lines + [""] + fashion_targets(results, table) + [""] + lip + attack_lines + notes)
+    text = "\n".join(header + lines + [""] + fashion_targets(results, table) + [""] + lipschitz_lines(results)
+                     + attack_lines + notes)
     print(text)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(text + "\n")
-    keep = ("passes", "seconds", "kind", "train_seconds", "cpu_seconds", "epochs", "L", "body_L", "max_pair_norm",
-            "layers", "export_gap", "claim_ratio")
+    keep = ("passes", "seconds", "kind", "train_seconds", "cpu_seconds", "steps", "epochs", "L", "body_L",
+            "max_pair_norm", "layers", "export_gap", "claim_ratio")
     (out / "summary.json").write_text(json.dumps({
         "radii": FM_RADII, "inputs": index.tolist(), "train_rows": len(train_y), "budget": args.budget,
         "rows": {n: {**table[n], **{k: results[n][k] for k in keep if k in results[n]}} for n in results},

@@ -25,6 +25,7 @@ Install the libraries with ``pip install -e '.[bench]'``; they are imported only
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
@@ -35,10 +36,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from gmcert.bounds.lipschitz import layer_bounds
+from gmcert.bounds.logit_margin import logit_radii
 from gmcert.networks.small import GroupSort
 
 PEERS = ("orthogonium", "deel-torchlip")
 MODULES = {"orthogonium": "orthogonium", "deel-torchlip": "deel.torchlip"}
+SHAPE = (1, 28, 28)
 
 
 def missing() -> list:
@@ -79,7 +83,8 @@ def build(peer: str, seed: int):
 
 
 def train(model, loss_fn, images, labels, budget, seed, lr=1e-3, batch_size=128) -> dict:
-    """Adam with a cosine over the budget; returns wall and CPU seconds of the training steps, steps, epochs."""
+    """Adam with a cosine over the budget; returns wall and CPU seconds of the training steps, the steps,
+    and the epochs they make (a fraction: the budget ends one part way)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     wall = cpu = 0.0
     steps = epochs = 0
@@ -102,7 +107,8 @@ def train(model, loss_fn, images, labels, budget, seed, lr=1e-3, batch_size=128)
             steps += 1
         epochs += 1
     model.eval()
-    return {"seconds": wall, "cpu_seconds": cpu, "steps": steps, "epochs": epochs}
+    return {"seconds": wall, "cpu_seconds": cpu, "steps": steps, "batch_size": batch_size, "lr": lr,
+            "epochs": steps * batch_size / len(images)}
 
 
 def _plain(module):
@@ -163,6 +169,37 @@ def claimed_radii(model, x) -> tuple:
         scores = model(torch.as_tensor(x, dtype=torch.float32)).double()
     top = scores.topk(2, dim=1).values
     return scores.argmax(1).numpy(), ((top[:, 0] - top[:, 1]) / math.sqrt(2.0)).numpy()
+
+
+def result(peer, out: Path, train_x, train_y, x, y, budget, seed) -> dict:
+    """A peer trained for the budget (once, into ``out/<peer>/``), its radii recomputed by gmcert's bound
+    from the exported weights, and the library's own claim (L = 1) beside them: a benchmark row."""
+    model, record = trained_peer(peer, out, torch.as_tensor(train_x), torch.as_tensor(train_y, dtype=torch.long),
+                                 budget, seed)
+    exported = export(peer, model)
+    with torch.no_grad():
+        xt = torch.as_tensor(x)
+        export_gap = float((exported(xt) - model(xt)).abs().max())
+    start = time.perf_counter()
+    cert = logit_radii(exported, x, SHAPE)
+    seconds = (time.perf_counter() - start) / len(x)
+    claim_pred, claim_radius = claimed_radii(model, x)
+    both = (claim_pred == cert.prediction) & (cert.radius > 0)
+    ratio = claim_radius[both] / cert.radius[both]  # > 1: the library claims more than gmcert certifies
+    return {"rows": rows_from(cert.prediction, cert.radius, y), "passes": 1, "seconds": seconds, "kind": "bound",
+            "train_seconds": record["seconds"], "cpu_seconds": record["cpu_seconds"], "steps": record["steps"],
+            "epochs": record["steps"] * record.get("batch_size", 128) / record["train_rows"],
+            "L": cert.lipschitz, "body_L": cert.body_lipschitz,
+            "max_pair_norm": float(np.max(cert.pair_norms)) if cert.pair_norms is not None else None,
+            "layers": layer_bounds(exported, SHAPE), "export_gap": export_gap,
+            "claim_rows": rows_from(claim_pred, claim_radius, y),
+            "claim_ratio": [float(f(ratio)) for f in (np.min, np.median, np.max)] if both.any() else None,
+            "module": copy.deepcopy(exported).double().eval(), "index": lambda labels: np.asarray(labels)}
+
+
+def rows_from(prediction, radius, labels) -> list:
+    return [{"label": int(t), "predict": int(p), "radius": float(r), "correct": int(p == t)}
+            for p, r, t in zip(prediction, radius, labels)]
 
 
 def pgd_flips(module, x, prediction, radius, steps=40, starts=2, seed=0) -> np.ndarray:
