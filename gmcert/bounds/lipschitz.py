@@ -19,6 +19,8 @@
              * BatchNorm alone / input normalisation: max |scale|; ReLU, ReLU6, clamp, max-pool
                over one window: 1; residual block: 1 + L(body); global average pool over N
                positions: 1/sqrt(N); max-pool with overlapping windows: sqrt(windows per pixel);
+               L2-norm pooling over windows (``nn.LPPool2d``, p = 2; per window
+               ``| ||a|| - ||b|| | <= ||a - b||``): sqrt(windows per pixel), 1 when they do not overlap;
              * resize: ||R_h|| * ||R_w|| of its separable interpolation matrices (bicubic clamp: 1).
              Each layer's number gets a relative slack of 1e-8 against float rounding. Unknown
              modules raise :class:`LipschitzUnsupportedError`; the traversal replays the module on a
@@ -106,6 +108,11 @@ def _ops(m, name):
         return [_Op("isometry", name, m, lip=1.0)]
     if t is GlobalNormPool:  # per channel | ||a|| - ||b|| | <= ||a - b||
         return [_Op("normpool", name, m, lip=1.0)]
+    if t is nn.LPPool2d:  # torch: (N * avg_pool(x^p))^(1/p), which is each window's L2 norm only for p = 2
+        if float(m.norm_type) != 2.0 or m.ceil_mode:  # ceil_mode: partial windows are scaled by N anyway
+            raise LipschitzUnsupportedError(f"no sound bound for {name}: LPPool2d with norm_type {m.norm_type}"
+                                            f"{' and ceil_mode' if m.ceil_mode else ''} (only p = 2, floor mode)")
+        return [_Op("l2pool", name, m)]
     if t is tt["EfficientNet"]:
         return sub("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool", "classifier")
     blocks = {tt["ConvBnAct"]: ("conv", "bn1", "aa"),
@@ -215,6 +222,9 @@ def _op_bound(op, nxt):
         if nn.modules.utils._pair(m.dilation) != (1, 1):
             raise LipschitzUnsupportedError(f"no sound bound for {op.name}: dilated max-pool")
         return math.sqrt(math.ceil(kh / sh) * math.ceil(kw / sw)), False
+    if op.kind == "l2pool":  # the windows' norms: sum over windows of ||a_w - b_w||^2 counts a pixel per window
+        (kh, kw), (sh, sw) = (nn.modules.utils._pair(v) for v in (m.kernel_size, m.stride or m.kernel_size))
+        return math.sqrt(math.ceil(kh / sh) * math.ceil(kw / sw)), False
     if op.kind == "avgpool":
         k, s, p = (nn.modules.utils._pair(v) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding))
         if m.ceil_mode or (not m.count_include_pad and p != (0, 0)) or m.divisor_override:
@@ -301,7 +311,7 @@ def linear_lipschitz(module, input_shape) -> tuple:
         stack.extend(op.body)
         flat.append(op)
     for op in flat:
-        nonlinear = op.kind in ("act", "maxpool", "normpool") or (
+        nonlinear = op.kind in ("act", "maxpool", "normpool", "l2pool") or (
             op.kind == "resize" and op.module.interpolation == "bicubic" and tuple(op.in_shape[1:]) != op.module.size)
         if nonlinear or op.kind == "residual":
             raise DataError(f"the exact kind needs a linear encoder; {op.name} is not linear (use bound)")

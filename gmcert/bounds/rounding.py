@@ -27,6 +27,9 @@ componentwise from the standard model |fl(a op b) - a op b| <= u |a op b| (u the
 * average pools over N values: gamma_{N+2} avg(|x|); max-pool, ReLU, ReLU6, clamps, flatten, MaxMin,
   pixel-(un)shuffle, zero padding: exact; L2-norm pooling over N positions (sqrt of a sum of
   squares, |y^ - y| <= gamma_{N+1} y): gamma_{2N+4} |y^|, and sqrt((N + 4) tiny) for squares that underflow;
+  ``nn.LPPool2d`` with p = 2 over windows of N pixels (sqrt(N * avg of N squares): N + 3 roundings of a sum
+  of nonnegative terms, then the root, allowed 64 u as a libm call): gamma_{2N+136} |y^|, and
+  sqrt((2N + 4) tiny) for underflow (the division by N and the product by N each lose at most N tiny);
   sigmoid, tanh, softplus, SiLU (libm): 64 u |y|, i.e. 32 ulps where PyTorch's kernels are within a
   few; GELU, hardswish, hardsigmoid, ELU (cancellation in 1 + erf and the like): 64 u (|y| + |x| + 1);
 * resize: f uses the exact interpolation weights w (:func:`exact_interpolation_weights`, torch's
@@ -122,6 +125,10 @@ class _Step:
             k = self.op.in_shape[1] * self.op.in_shape[2]
             self.coef = gamma(2 * k + 4, u)
             k = 4 + k  # underflowed squares add at most N tiny to the sum, sqrt(N tiny) to y: see self.floor
+        elif self.kind == "l2pool":  # (N * avg(x^2))^(1/2): gamma_{N+3} on the sum, 64 u for pow, y <= y^ / (1 - ..)
+            k = math.prod(nn.modules.utils._pair(m.kernel_size))
+            self.coef = gamma(2 * (k + 3 + 65), u)
+            k = 4 + 2 * k
         elif self.kind == "resize" and tuple(self.op.in_shape[1:]) != m.size and m.interpolation != "nearest":
             shrink, k, alpha = m.size[0] < self.op.in_shape[1] or m.size[1] < self.op.in_shape[2], 0, []
             for dim, n_in, n_out in zip((2, 3), self.op.in_shape[1:], m.size):
@@ -137,7 +144,7 @@ class _Step:
                     k += taps
             alpha += [0.0] * (2 - len(alpha))
             self.coef = (1 + alpha[0]) * alpha[1] + alpha[0]
-        self.floor = k * tiny if self.kind != "normpool" else math.sqrt(k * tiny) + tiny
+        self.floor = k * tiny if self.kind not in ("normpool", "l2pool") else math.sqrt(k * tiny) + tiny
 
     def to(self, device):
         self.terms = {k: v.to(device) if v is not None else None for k, v in self.terms.items()}
@@ -178,7 +185,7 @@ class _Step:
             delta = self.coef * m(x.abs().double())
         elif kind == "flatten":
             y = x.flatten(1)
-        elif kind == "normpool":
+        elif kind in ("normpool", "l2pool"):
             y = m(x)
             delta = self.coef * y.abs().double()
         elif kind == "resize" and t:  # our own taps: torch's float64 weights are themselves rounded

@@ -95,12 +95,31 @@ def gmcert_cnn_tiny(pretrained=False, **kwargs):
 
 
 class GroupSort(nn.Module):
-    """Sort consecutive pairs of features (MaxMin, Anil et al. 2019): a permutation of its input
-    on every pair, so 1-Lipschitz in L2, gradient-norm preserving, and exact in floating point."""
+    """Sort pairs of features (MaxMin, Anil et al. 2019): a permutation of its input on every pair,
+    so 1-Lipschitz in L2, gradient-norm preserving, and exact in floating point.
+
+    Parameters
+    ----------
+    halves : bool, default False
+        Pair feature ``i`` with ``i + C/2`` and write the maxima first, then the minima
+        (orthogonium's ``MaxMin``); by default consecutive features ``2i, 2i + 1`` are paired and
+        each pair is written in place.
+    min_first : bool, default False
+        Each pair's minimum first (deel-torchlip's ``GroupSort2``).
+    """
+
+    def __init__(self, halves: bool = False, min_first: bool = False):
+        super().__init__()
+        self.halves, self.min_first = bool(halves), bool(min_first)
 
     def forward(self, x):
-        a, b = x.unflatten(1, (-1, 2)).unbind(2)
-        return torch.stack((torch.maximum(a, b), torch.minimum(a, b)), dim=2).flatten(1, 2)
+        a, b = x.chunk(2, dim=1) if self.halves else x.unflatten(1, (-1, 2)).unbind(2)
+        high, low = torch.maximum(a, b), torch.minimum(a, b)
+        pair = (low, high) if self.min_first else (high, low)
+        return torch.cat(pair, dim=1) if self.halves else torch.stack(pair, dim=2).flatten(1, 2)
+
+    def extra_repr(self) -> str:
+        return f"halves={self.halves}, min_first={self.min_first}"
 
 
 class LipschitzMLP(TimmModel):
