@@ -181,11 +181,16 @@ def run_row(name, args, x, labels, index) -> dict:
     return {"rows": rows, "clean": float(np.mean(pipeline.predict(x, arithmetic="fast") == labels)), "tsv": tsv}
 
 
-def curve(rows, radii) -> list:
-    """Certified accuracy at each of ``radii`` (sound radii only, as in :func:`figures`)."""
+def sound_radii(rows):
+    """(radius, correct) arrays of TSV rows; an ``estimate`` is no certificate and counts as 0."""
     radius = np.array([float(r["radius"]) if r.get("radius_kind", "probabilistic") != "estimate" else 0.0
                        for r in rows])
-    correct = np.array([int(r["correct"]) for r in rows], dtype=bool)
+    return radius, np.array([int(r["correct"]) for r in rows], dtype=bool)
+
+
+def curve(rows, radii) -> list:
+    """Certified accuracy at each of ``radii``."""
+    radius, correct = sound_radii(rows)
     return [float(np.mean(correct & (radius >= t))) for t in radii]
 
 
@@ -193,10 +198,8 @@ def figures(rows) -> dict:
     """Certified accuracy per radius (sound radii: every kind here is exact, bound or probabilistic),
     its binomial standard error, ACR, forward passes and seconds per input."""
     m = len(rows)
-    radius = np.array([float(r["radius"]) if r.get("radius_kind", "probabilistic") != "estimate" else 0.0
-                       for r in rows])
-    correct = np.array([int(r["correct"]) for r in rows], dtype=bool)
-    acc = np.array([np.mean(correct & (radius >= t)) for t in RADII])
+    radius, correct = sound_radii(rows)
+    acc = np.array(curve(rows, RADII))
     return {"acc": acc, "se": np.sqrt(acc * (1 - acc) / m), "acr": float(np.mean(np.where(correct, radius, 0.0))),
             "passes": float(np.mean([float(r.get("samples", 1)) for r in rows])),
             "seconds": float(np.mean([parse_seconds(r["time"]) for r in rows]))}

@@ -31,10 +31,6 @@ from gmcert.report import CertifyWriter, certificate_row, read_tsv
 from gmcert.smoothing.stats import clopper_pearson_lower
 
 
-def capped(rows, cap):
-    return np.minimum([float(r["radius"]) for r in rows], cap)
-
-
 def n_a_from_radius(radius: float, n: int, alpha: float, sigma: float) -> int:
     """The count n_A whose Clopper-Pearson lower bound at (n, alpha) is the one that gave ``radius``
     (the largest n_A whose bound does not exceed Phi(radius / sigma)): Cohen's TSV keeps the radius,
